@@ -29,6 +29,8 @@ class SchedulingRequest:
     cache_salt: str = ""
     priority: int = 0  # from the objective; < 0 is sheddable
     headers: Mapping[str, str] = field(default_factory=dict)
+    # Gateway subset hint: only these addresses may be picked (None = no hint; empty = none allowed).
+    subset: frozenset[str] | None = None
     # Per-request scratch for plugins that derive something expensive once (e.g. prefix block hashes).
     prefix_hashes: list[int] | None = None
 

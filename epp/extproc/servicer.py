@@ -1,0 +1,242 @@
+"""The Envoy ext_proc servicer: one bidirectional stream per HTTP request.
+
+Request side, by the body mode Envoy announces in `protocol_config` on the first message:
+
+* FULL_DUPLEX_STREAMED: collect body chunks without replying; at end of body (or at trailers) decide, then
+  reply in order: headers (decision, `clear_route_cache`), the body as ≤ 62,000-byte `streamed_response`
+  chunks (the last with `end_of_stream`, unless trailers follow), then trailers.
+* BUFFERED (and anything else): reply to the headers at once (deferring would deadlock Envoy), then
+  decide on the single buffered body message and carry the decision on the body reply.
+* headers with `end_of_stream` (no body): decide at once on load alone.
+
+Response side passes through: headers continue; body chunks are echoed as `streamed_response` in
+FULL_DUPLEX mode or acknowledged in STREAMED mode; trailers continue. The stream's end (response done,
+client gone, or Envoy cancelling) releases the request's in-flight count exactly once.
+
+`RequestStream.handle` is synchronous and pure wire logic, so unit tests drive it with scripted messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+from epp.config import LimitsConfig
+from epp.errors import Rejection
+from epp.extproc import messages as msg
+from epp.pipeline import REQUEST_ID, Decision, Pipeline
+
+log = logging.getLogger(__name__)
+
+_FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
+_NO_RESPONSES: tuple[pb.ProcessingResponse, ...] = ()
+
+
+def _subset_hint(metadata: Any) -> frozenset[str] | None:
+    """`envoy.lb.subset_hint` / `x-gateway-destination-endpoint-subset`: a list of ip:port, or one
+    comma-separated string (some gateways). Absent → None."""
+    namespace = metadata.filter_metadata.get(msg.SUBSET_METADATA_NAMESPACE)
+    if namespace is None or msg.SUBSET_METADATA_KEY not in namespace.fields:
+        return None
+    value = namespace.fields[msg.SUBSET_METADATA_KEY]
+    kind = value.WhichOneof("kind")
+    items: list[str] = []
+    if kind == "list_value":
+        for item in value.list_value.values:
+            items.extend(item.string_value.split(","))
+    elif kind == "string_value":
+        items = value.string_value.split(",")
+    return frozenset(a.strip() for a in items if a.strip())
+
+
+def _served_endpoint(metadata: Any) -> str | None:
+    namespace = metadata.filter_metadata.get(msg.DESTINATION_METADATA_NAMESPACE)
+    if namespace is None:
+        return None
+    value = namespace.fields.get(msg.SERVED_METADATA_KEY)
+    if value is None or not value.string_value:
+        return None
+    return value.string_value.split(",")[0].strip()
+
+
+class RequestStream:
+    """State of one ext_proc stream (one HTTP request)."""
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_decided",
+        "_duplex",
+        "_response_duplex",
+        "_status",
+        "decision",
+        "headers",
+        "limits",
+        "pipeline",
+        "subset",
+    )
+
+    def __init__(self, pipeline: Pipeline, limits: LimitsConfig) -> None:
+        self.pipeline = pipeline
+        self.limits = limits
+        self.headers: dict[str, str] = {}
+        self.subset: frozenset[str] | None = None
+        self.decision: Decision | None = None
+        self._duplex = False
+        self._response_duplex = False
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._decided = False
+        self._status = 0  # upstream :status once seen; 0 = none (yet)
+
+    # -- dispatch ---------------------------------------------------------------------------------------
+    def handle(
+        self, message: pb.ProcessingRequest
+    ) -> tuple[pb.ProcessingResponse, ...] | list[pb.ProcessingResponse]:
+        kind = message.WhichOneof("request")
+        if kind == "request_body":
+            return self._on_request_body(message.request_body)
+        if kind == "response_body":
+            return self._on_response_body(message.response_body)
+        if kind == "request_headers":
+            return self._on_request_headers(message)
+        if kind == "response_headers":
+            return self._on_response_headers(message)
+        if kind == "request_trailers":
+            return self._on_request_trailers()
+        if kind == "response_trailers":
+            self.close()
+            return (msg.RESPONSE_TRAILERS_CONTINUE,)
+        log.warning("ext_proc: ignoring unexpected message %r", kind)
+        return _NO_RESPONSES
+
+    # -- request side -----------------------------------------------------------------------------------
+    def _on_request_headers(self, message: pb.ProcessingRequest) -> Any:
+        if message.HasField("protocol_config"):
+            config = message.protocol_config
+            self._duplex = config.request_body_mode == _FULL_DUPLEX
+            self._response_duplex = config.response_body_mode == _FULL_DUPLEX
+        headers = self.headers
+        for header in message.request_headers.headers.headers:
+            headers[header.key] = (
+                header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+            )
+        if message.HasField("metadata_context"):
+            self.subset = _subset_hint(message.metadata_context)
+        if message.request_headers.end_of_stream:
+            return self._decide(body=None, headers_reply=True, end_of_stream=True)
+        if not self._duplex:
+            return (msg.REQUEST_HEADERS_CONTINUE,)
+        return _NO_RESPONSES
+
+    def _on_request_body(self, body: pb.HttpBody) -> Any:
+        if self._decided:  # Envoy should not send more body after we decided; answer in shape anyway.
+            return _NO_RESPONSES
+        chunk = body.body
+        self._body_size += len(chunk)
+        if self._body_size > self.limits.max_body_bytes:
+            return self._reject(
+                Rejection(
+                    413,
+                    "body_too_large",
+                    f"request body exceeds the limit of {self.limits.max_body_bytes} bytes (limits.max_body_bytes)",
+                )
+            )
+        if chunk:
+            self._body.append(chunk)
+        if body.end_of_stream or not self._duplex:
+            return self._decide(body=b"".join(self._body), headers_reply=self._duplex, end_of_stream=True)
+        return _NO_RESPONSES
+
+    def _on_request_trailers(self) -> Any:
+        if self._duplex and not self._decided:
+            replies = list(self._decide(body=b"".join(self._body), headers_reply=True, end_of_stream=False))
+            if replies and replies[0].HasField("immediate_response"):
+                return replies
+            replies.append(msg.REQUEST_TRAILERS_CONTINUE)
+            return replies
+        return (msg.REQUEST_TRAILERS_CONTINUE,)
+
+    def _decide(self, body: bytes | None, headers_reply: bool, end_of_stream: bool) -> Any:
+        self._decided = True
+        self._body = []
+        try:
+            decision = self.pipeline.decide(self.headers, body, self.subset)
+        except Rejection as rejection:
+            return self._reject(rejection)
+        except Exception:  # our bug: answer 500 for this request only, keep serving the others
+            log.exception("ext_proc: internal error while deciding request %s", self.headers.get(REQUEST_ID))
+            return self._reject(Rejection(500, "internal_error", "internal error in the endpoint picker"))
+        self.decision = decision
+        headers = decision.response_headers()
+        if body is None:  # bodyless
+            return (msg.decision_headers_response(headers, decision.destination),)
+        if headers_reply:  # FULL_DUPLEX_STREAMED
+            out = [msg.decision_headers_response(headers, decision.destination)]
+            new_body = decision.new_body if decision.new_body is not None else body
+            out.extend(msg.streamed_request_body(new_body, self.limits.body_chunk_bytes, end_of_stream))
+            return out
+        return (msg.decision_body_response(headers, decision.destination, decision.new_body),)
+
+    def _reject(self, rejection: Rejection) -> tuple[pb.ProcessingResponse, ...]:
+        self._decided = True
+        self._body = []
+        self._status = rejection.status
+        return (msg.immediate(rejection, self.headers.get(REQUEST_ID)),)
+
+    # -- response side ----------------------------------------------------------------------------------
+    def _on_response_headers(self, message: pb.ProcessingRequest) -> Any:
+        for header in message.response_headers.headers.headers:
+            if header.key == ":status":
+                raw = header.raw_value or header.value.encode()
+                self._status = int(raw) if raw.isdigit() else 0
+                break
+        decision = self.decision
+        if decision is not None and message.HasField("metadata_context"):
+            served = _served_endpoint(message.metadata_context)
+            if served:
+                self.pipeline.served_by(decision, served)
+        if message.response_headers.end_of_stream:
+            self.close()
+        return (msg.RESPONSE_HEADERS_CONTINUE,)
+
+    def _on_response_body(self, body: pb.HttpBody) -> Any:
+        if body.end_of_stream:
+            self.close()
+        if self._response_duplex:
+            return (msg.streamed_response_body(body.body, body.end_of_stream),)
+        return (msg.RESPONSE_BODY_CONTINUE,)
+
+    # -- end --------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Idempotent: release the in-flight count and record the outcome."""
+        decision = self.decision
+        if decision is not None:
+            self.decision = None
+            self.pipeline.finish(decision, self._status)
+
+
+class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, pipeline: Pipeline, limits: LimitsConfig) -> None:
+        self.pipeline = pipeline
+        self.limits = limits
+        self.active_streams = 0
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        stream = RequestStream(self.pipeline, self.limits)
+        self.active_streams += 1
+        try:
+            async for message in request_iterator:
+                for reply in stream.handle(message):
+                    yield reply
+        finally:
+            # Normal end, client disconnect, or cancellation: release exactly once.
+            stream.close()
+            self.active_streams -= 1

@@ -1,0 +1,143 @@
+"""Prometheus metrics, named as Gateway API Inference Extension users already chart them.
+
+Request metrics are updated on the request path (cached label children, no per-request lookups of
+label sets beyond a dict get). Pool gauges are computed only when Prometheus scrapes (`PoolCollector`),
+so they cost nothing per request and can feed an HPA (`inference_pool_average_queue_size`,
+`inference_pool_average_kv_cache_utilization`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from epp.datastore.endpoints import EndpointPool
+
+_LATENCY_BUCKETS = (
+    0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 45, 60,
+    120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600,
+)  # fmt: skip
+_SCHEDULER_BUCKETS = (
+    0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+)  # fmt: skip
+
+
+class PoolCollector(Collector):
+    """Pool-level gauges computed at scrape time from the datastore."""
+
+    def __init__(
+        self, pool: EndpointPool, pool_name: str, staleness_s: float, extra: Callable[[], dict[str, float]]
+    ) -> None:
+        self.pool = pool
+        self.pool_name = pool_name
+        self.staleness_s = staleness_s
+        self.extra = extra
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        now = time.monotonic()
+        fresh = [e for e in self.pool if e.reachable and e.metrics.age(now) <= self.staleness_s]
+        name = self.pool_name
+        kv = GaugeMetricFamily(
+            "inference_pool_average_kv_cache_utilization",
+            "Mean KV-cache utilisation of the pool",
+            labels=["name"],
+        )
+        queue = GaugeMetricFamily(
+            "inference_pool_average_queue_size", "Mean waiting requests per model server", labels=["name"]
+        )
+        ready = GaugeMetricFamily(
+            "inference_pool_ready_pods", "Endpoints with fresh metrics (scraped recently)", labels=["name"]
+        )
+        per_pod = GaugeMetricFamily(
+            "inference_pool_per_pod_queue_size",
+            "Waiting requests per model server",
+            labels=["name", "model_server_pod"],
+        )
+        inflight = GaugeMetricFamily(
+            "epp_endpoint_inflight_requests",
+            "Requests the picker sent to the endpoint that have not finished",
+            labels=["name", "endpoint"],
+        )
+        if fresh:
+            kv.add_metric([name], sum(e.metrics.kv_usage for e in fresh) / len(fresh))
+            queue.add_metric([name], sum(e.metrics.waiting for e in fresh) / len(fresh))
+        ready.add_metric([name], len(fresh))
+        for endpoint in self.pool:
+            per_pod.add_metric([name, endpoint.address], endpoint.metrics.waiting)
+            inflight.add_metric([name, endpoint.address], endpoint.inflight_requests)
+        yield from (kv, queue, ready, per_pod, inflight)
+        for metric, value in self.extra().items():
+            family = GaugeMetricFamily(metric, metric.replace("_", " "), labels=["name"])
+            family.add_metric([name], value)
+            yield family
+
+
+class RequestMetrics:
+    """Per-request counters and histograms (labels: model_name, target_model_name)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model_name", "target_model_name"]
+        self.requests = Counter(
+            "inference_objective_request_total", "Requests the picker routed", labels, registry=registry
+        )
+        self.errors = Counter(
+            "inference_objective_request_error_total",
+            "Requests that ended in an error (our rejection or an upstream 5xx/4xx)",
+            [*labels, "error_code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "inference_objective_request_duration_seconds",
+            "From the picker seeing the request to the end of the response",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.running = Gauge(
+            "inference_objective_running_requests", "Requests in flight", ["model_name"], registry=registry
+        )
+        self.scheduler_duration = Histogram(
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "Time to run the scheduling profile for one request",
+            buckets=_SCHEDULER_BUCKETS,
+            registry=registry,
+        )
+        self.plugin_duration = Histogram(
+            "inference_extension_plugin_duration_seconds",
+            "Time spent in one scheduling plugin",
+            ["plugin_name"],
+            buckets=_SCHEDULER_BUCKETS,
+            registry=registry,
+        )
+        self._children: dict[Any, Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def started(self, model: str, target: str) -> None:
+        self._child(self.requests, model, target).inc()
+        self._child(self.running, model).inc()
+
+    def finished(self, model: str, target: str, seconds: float, error_code: str | None) -> None:
+        self._child(self.running, model).dec()
+        self._child(self.duration, model, target).observe(seconds)
+        if error_code:
+            self._child(self.errors, model, target, error_code).inc()
+
+    def rejected(self, model: str, target: str, code: str) -> None:
+        self._child(self.errors, model, target, code).inc()
+
+    def scheduled(self, seconds: float, plugin_seconds: dict[str, float] | None) -> None:
+        self.scheduler_duration.observe(seconds)
+        if plugin_seconds:
+            for name, value in plugin_seconds.items():
+                self._child(self.plugin_duration, name).observe(value)

@@ -1,0 +1,202 @@
+"""The picker's process: explicit start-up, serve, and graceful shutdown.
+
+Start-up builds the datastore (pool, prefix index), the scheduler from the config, the pipeline, then
+opens three ports: ext_proc (gRPC, TLS unless disabled), health + admin API (gRPC, plaintext) and
+Prometheus metrics (HTTP). Readiness turns SERVING once the pool is synced. Shutdown marks readiness
+NOT_SERVING, stops accepting streams and gives in-flight streams `grace_period_s` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import sys
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from epp.config import Config
+from epp.datastore.endpoints import Endpoint, EndpointPool
+from epp.datastore.prefix_index import PrefixIndex
+from epp.extproc.servicer import ExtProcServicer
+from epp.observability.metrics import PoolCollector, RequestMetrics
+from epp.pipeline import Pipeline
+from epp.scheduling.registry import PluginContext, build_scheduler
+from epp.tls import load_key_and_cert
+
+log = logging.getLogger(__name__)
+
+EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+HEALTH_NAMES = ("liveness", "readiness", EXTPROC_SERVICE)
+
+
+@dataclass(slots=True)
+class BoundPorts:
+    extproc: int
+    health: int
+    metrics: int
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pool = EndpointPool(Endpoint(e.address, e.engine) for e in config.pool.endpoints)
+        self.prefix_index = PrefixIndex(config.scheduling.prefix.capacity_blocks)
+        self.pool.on_removed(lambda endpoint: self.prefix_index.remove_endpoint(endpoint.address))
+        self.registry = CollectorRegistry()
+        self.request_metrics = RequestMetrics(self.registry)
+        self.registry.register(
+            PoolCollector(
+                self.pool,
+                config.pool.name,
+                config.scheduling.saturation.metrics_staleness_s,
+                self._extra_gauges,
+            )
+        )
+        ctx = PluginContext(config, self.prefix_index, random.Random(config.scheduling.seed))
+        self.scheduler = build_scheduler(ctx, time_plugins=True)
+        self.pipeline = Pipeline(config, self.pool, self.scheduler, self.request_metrics)
+        self.servicer = ExtProcServicer(self.pipeline, config.limits)
+        self.health = HealthServicer()
+        self.scraper: object | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._ops: grpc.aio.Server | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._stopped = asyncio.Event()
+        self.ports: BoundPorts | None = None
+
+    def _extra_gauges(self) -> dict[str, float]:
+        stats = self.prefix_index.stats()
+        out = {"inference_extension_prefix_indexer_size": float(stats.get("total_entries", 0))}
+        queried = float(stats.get("queried_blocks", 0) or 0)
+        if queried:
+            out["inference_extension_prefix_indexer_hit_ratio"] = float(stats.get("hit_blocks", 0)) / queried
+        return out
+
+    async def start(self) -> BoundPorts:
+        cfg = self.config.server
+        self._grpc = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)]
+        )
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self._grpc)
+        address = f"{cfg.host}:{cfg.extproc_port}"
+        if cfg.tls.enabled:
+            credentials = grpc.ssl_server_credentials([load_key_and_cert(cfg.tls)])
+            extproc_port = self._grpc.add_secure_port(address, credentials)
+        else:
+            extproc_port = self._grpc.add_insecure_port(address)
+
+        self._ops = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._ops)
+        from epp.admin.service import register_admin
+
+        register_admin(self._ops, self)
+        health_port = self._ops.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve_metrics)
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        site = web.TCPSite(self._metrics_runner, cfg.host, cfg.metrics_port, reuse_port=False)
+        await site.start()
+        metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+        await self._grpc.start()
+        await self._ops.start()
+        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+        await self._start_scraper()
+        await self._set_ready(self.pool.synced)
+        self.ports = BoundPorts(extproc_port, health_port, metrics_port)
+        log.info(
+            "epp serving: ext_proc %s:%d (%s), health/admin :%d, metrics :%d, %d endpoints",
+            cfg.host, extproc_port, "TLS" if cfg.tls.enabled else "plaintext", health_port, metrics_port,
+            len(self.pool),
+        )  # fmt: skip
+        return self.ports
+
+    async def _start_scraper(self) -> None:
+        from epp.datastore.scraper import MetricsScraper
+
+        scrape = self.config.scheduling.scrape
+        scraper = MetricsScraper(
+            self.pool, interval=scrape.interval_s, timeout=scrape.timeout_s, path=scrape.path
+        )
+        await scraper.start()
+        self.scraper = scraper
+
+    async def _set_ready(self, ready: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in HEALTH_NAMES[1:]:
+            await self.health.set(name, status)
+
+    async def _serve_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Graceful: not ready, refuse new streams, let in-flight ones finish within the grace period."""
+        grace = self.config.server.grace_period_s
+        await self._set_ready(False)
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self.scraper is not None:
+            await self.scraper.stop()  # type: ignore[attr-defined]
+        if self._ops is not None:
+            await self._ops.stop(0)
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+
+
+def run(config: Config, ready_file: str | None = None) -> int:
+    """Run until SIGINT/SIGTERM. A port already in use is a one-line error, not a traceback."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        pass
+
+    async def main() -> None:
+        server = Server(config)
+        ports = await server.start()
+        if ready_file:
+            import json
+            from pathlib import Path
+
+            Path(ready_file).write_text(json.dumps({"extproc": ports.extproc, "health": ports.health,
+                                                    "metrics": ports.metrics}))  # fmt: skip
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.request_stop)
+        await server.wait_stopped()
+        log.info("epp: shutting down (grace %.1fs, %d streams in flight)", config.server.grace_period_s,
+                 server.servicer.active_streams)  # fmt: skip
+        await server.stop()
+
+    try:
+        asyncio.run(main())
+    except (RuntimeError, OSError) as err:
+        text = str(err)
+        if "bind" in text.lower() or "address already in use" in text.lower() or "Failed to" in text:
+            print(f"epp: cannot open a port ({text}); is another process using it? Use --*-port flags.",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        raise
+    return 0
