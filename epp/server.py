@@ -129,6 +129,8 @@ class Server:
         scraper = MetricsScraper(
             self.pool, interval=scrape.interval_s, timeout=scrape.timeout_s, path=scrape.path
         )
+        # Readiness waits for one scrape of every endpoint (success or failure), bounded by the timeout.
+        await scraper.scrape_all()
         await scraper.start()
         self.scraper = scraper
 

@@ -28,3 +28,49 @@ async def upstreams() -> AsyncIterator[Callable[..., Any]]:
 
     yield make
     await asyncio.gather(*(u.stop() for u in started))
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Callable[..., Any]]:
+    """Factory: `await stack(addresses, shape="gateway", **config)` → (picker Server, Envoy) running
+    in-process / as a real Envoy subprocess; both stopped after the test."""
+    from epp.config import load_config
+    from epp.envoy_launcher import Envoy, EnvoyOptions
+    from epp.server import Server
+
+    running: list[Any] = []
+
+    async def make(
+        addresses: list[str],
+        shape: str = "gateway",
+        extra_http_filters: list[dict[str, Any]] | None = None,
+        tls: bool = False,
+        **config: Any,
+    ) -> tuple[Any, Any]:
+        overrides: dict[str, Any] = {
+            "server": {"extproc_port": 0, "health_port": 0, "metrics_port": 0, "tls": {"enabled": tls},
+                       "grace_period_s": 1},
+            "pool": {"endpoints": addresses},
+            "scheduling": {"seed": 11, "scrape": {"interval_s": 0.02}},
+        }  # fmt: skip
+        for key, value in config.items():
+            if isinstance(value, dict) and isinstance(overrides.get(key), dict):
+                overrides[key] = {**overrides[key], **value}
+            else:
+                overrides[key] = value
+        server = Server(load_config(None, overrides))
+        ports = await server.start()
+        running.append(server)
+        envoy = Envoy(
+            EnvoyOptions(
+                shape=shape, epp_port=ports.extproc, epp_tls=tls, pool=addresses,
+                extra_http_filters=extra_http_filters or [],
+            )
+        )  # fmt: skip
+        await envoy.start()
+        running.append(envoy)
+        return server, envoy
+
+    yield make
+    for item in reversed(running):
+        await item.stop()

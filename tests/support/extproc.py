@@ -1,0 +1,94 @@
+"""Build scripted ext_proc messages (as Envoy sends them) and a picker pipeline without a server."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue, Metadata
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf.struct_pb2 import Struct
+
+from epp.config import load_config
+from epp.datastore.endpoints import Endpoint, EndpointPool
+from epp.datastore.prefix_index import PrefixIndex
+from epp.extproc.servicer import RequestStream
+from epp.pipeline import Pipeline
+from epp.scheduling.registry import PluginContext, build_scheduler
+
+DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
+BUFFERED = ProcessingMode.BUFFERED
+
+
+def request_headers(
+    headers: dict[str, str] | None = None,
+    *,
+    mode: int = DUPLEX,
+    response_mode: int = DUPLEX,
+    end_of_stream: bool = False,
+    subset: Any = None,
+    path: str = "/v1/chat/completions",
+) -> pb.ProcessingRequest:
+    all_headers = {":method": "POST", ":path": path, "content-type": "application/json", **(headers or {})}
+    message = pb.ProcessingRequest(
+        request_headers=pb.HttpHeaders(
+            headers=HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in all_headers.items()]),
+            end_of_stream=end_of_stream,
+        ),
+        protocol_config=pb.ProtocolConfiguration(request_body_mode=mode, response_body_mode=response_mode),
+    )
+    if subset is not None:
+        hint = Struct()
+        hint["x-gateway-destination-endpoint-subset"] = subset
+        message.metadata_context.CopyFrom(Metadata(filter_metadata={"envoy.lb.subset_hint": hint}))
+    return message
+
+
+def request_body(chunk: bytes, end_of_stream: bool) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=chunk, end_of_stream=end_of_stream))
+
+
+def request_trailers() -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_trailers=pb.HttpTrailers())
+
+
+def response_headers(status: int = 200, end_of_stream: bool = False, served: str | None = None) -> pb.ProcessingRequest:
+    message = pb.ProcessingRequest(
+        response_headers=pb.HttpHeaders(
+            headers=HeaderMap(headers=[HeaderValue(key=":status", raw_value=str(status).encode())]),
+            end_of_stream=end_of_stream,
+        )
+    )
+    if served is not None:
+        lb = Struct()
+        lb["x-gateway-destination-endpoint-served"] = served
+        message.metadata_context.CopyFrom(Metadata(filter_metadata={"envoy.lb": lb}))
+    return message
+
+
+def response_body(chunk: bytes, end_of_stream: bool) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk, end_of_stream=end_of_stream))
+
+
+def response_trailers() -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(response_trailers=pb.HttpTrailers())
+
+
+def make_pipeline(addresses: list[str] | None = None, **overrides: Any) -> Pipeline:
+    """A pipeline over a static pool (no scraping: metrics stay at their defaults)."""
+    addresses = addresses if addresses is not None else ["10.0.0.1:8000", "10.0.0.2:8000"]
+    data = {"pool": {"endpoints": addresses}, "scheduling": {"seed": 7}, **overrides}
+    config = load_config(None, data)
+    pool = EndpointPool(Endpoint(e.address, e.engine) for e in config.pool.endpoints)
+    scheduler = build_scheduler(PluginContext(config, PrefixIndex(), random.Random(7)))
+    return Pipeline(config, pool, scheduler)
+
+
+def make_stream(pipeline: Pipeline | None = None) -> RequestStream:
+    pipeline = pipeline or make_pipeline()
+    return RequestStream(pipeline, pipeline.config.limits)
+
+
+def header_values(mutation: pb.HeaderMutation) -> dict[str, str]:
+    return {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers}

@@ -1,0 +1,333 @@
+"""The ext_proc stream state machine, driven by scripted message sequences as Envoy sends them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from support.extproc import (
+    BUFFERED,
+    DUPLEX,
+    header_values,
+    make_pipeline,
+    make_stream,
+    request_body,
+    request_headers,
+    request_trailers,
+    response_body,
+    response_headers,
+    response_trailers,
+)
+
+from epp.extproc.servicer import ExtProcServicer
+
+CHAT = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]})
+
+
+def kinds(replies) -> list[str]:
+    return [r.WhichOneof("response") for r in replies]
+
+
+def streamed_chunks(replies) -> list[tuple[bytes, bool]]:
+    out = []
+    for r in replies:
+        if r.WhichOneof("response") == "request_body":
+            s = r.request_body.response.body_mutation.streamed_response
+            out.append((s.body, s.end_of_stream))
+    return out
+
+
+def test_full_duplex_defers_headers_until_body_ends_then_replies_in_order() -> None:
+    stream = make_stream()
+    assert list(stream.handle(request_headers())) == []
+    assert list(stream.handle(request_body(CHAT[:10], False))) == []
+    replies = list(stream.handle(request_body(CHAT[10:], True)))
+    assert kinds(replies) == ["request_headers", "request_body"]
+    common = replies[0].request_headers.response
+    assert common.clear_route_cache
+    headers = header_values(common.header_mutation)
+    destination = headers["x-gateway-destination-endpoint"]
+    assert destination in ("10.0.0.1:8000", "10.0.0.2:8000")
+    # Header and envoy.lb metadata agree.
+    lb = replies[0].dynamic_metadata.fields["envoy.lb"].struct_value
+    assert lb.fields["x-gateway-destination-endpoint"].string_value == destination
+    # The body is echoed unchanged, ending the stream.
+    assert streamed_chunks(replies) == [(CHAT, True)]
+    # Values travel as raw_value only (a set `value` would make Envoy reject the mutation).
+    assert all(not h.header.value for h in common.header_mutation.set_headers)
+
+
+def test_one_mib_body_is_echoed_in_chunks_of_at_most_62000_bytes() -> None:
+    prompt = "x" * (1 << 20)
+    body = orjson.dumps({"model": "m", "prompt": prompt})
+    stream = make_stream()
+    stream.handle(request_headers(path="/v1/completions"))
+    replies = []
+    for start in range(0, len(body), 16384):
+        replies += stream.handle(request_body(body[start : start + 16384], start + 16384 >= len(body)))
+    chunks = streamed_chunks(replies)
+    assert kinds(replies)[0] == "request_headers"
+    assert all(len(c) <= 62_000 for c, _ in chunks)
+    assert b"".join(c for c, _ in chunks) == body
+    assert [eos for _, eos in chunks] == [False] * (len(chunks) - 1) + [True]
+
+
+def test_empty_body_in_full_duplex_still_gets_one_empty_chunk() -> None:
+    stream = make_stream()
+    stream.handle(request_headers())
+    replies = list(stream.handle(request_body(b"", True)))
+    # An empty body is not valid JSON: the client gets a 400, nothing half-sent.
+    assert kinds(replies) == ["immediate_response"]
+    assert replies[0].immediate_response.status.code == 400
+
+
+def test_bodyless_request_is_answered_at_once() -> None:
+    stream = make_stream()
+    replies = list(stream.handle(request_headers(end_of_stream=True)))
+    assert kinds(replies) == ["request_headers"]
+    assert "x-gateway-destination-endpoint" in header_values(replies[0].request_headers.response.header_mutation)
+
+
+def test_buffered_mode_answers_headers_at_once_and_decides_on_the_body() -> None:
+    stream = make_stream()
+    replies = list(stream.handle(request_headers(mode=BUFFERED)))
+    assert kinds(replies) == ["request_headers"]
+    assert not replies[0].request_headers.HasField("response")  # plain continue
+    replies = list(stream.handle(request_body(CHAT, True)))
+    assert kinds(replies) == ["request_body"]
+    common = replies[0].request_body.response
+    assert common.clear_route_cache
+    assert "x-gateway-destination-endpoint" in header_values(common.header_mutation)
+    assert not common.HasField("body_mutation")  # unchanged body is not re-sent
+
+
+def test_trailers_end_the_body_in_full_duplex() -> None:
+    stream = make_stream()
+    stream.handle(request_headers())
+    assert list(stream.handle(request_body(CHAT, False))) == []
+    replies = list(stream.handle(request_trailers()))
+    assert kinds(replies) == ["request_headers", "request_body", "request_trailers"]
+    assert streamed_chunks(replies) == [(CHAT, False)]  # trailers, not the body, end the stream
+
+
+def test_response_side_passes_through_and_releases_inflight_once() -> None:
+    pipeline = make_pipeline()
+    stream = make_stream(pipeline)
+    stream.handle(request_headers())
+    stream.handle(request_body(CHAT, True))
+    chosen = pipeline.pool.get(stream.decision.destination)
+    assert chosen.inflight_requests == 1
+    assert kinds(stream.handle(response_headers(200))) == ["response_headers"]
+    replies = list(stream.handle(response_body(b"data: 1\n\n", False)))
+    assert replies[0].response_body.response.body_mutation.streamed_response.body == b"data: 1\n\n"
+    replies = list(stream.handle(response_body(b"data: [DONE]\n\n", True)))
+    assert replies[0].response_body.response.body_mutation.streamed_response.end_of_stream
+    assert chosen.inflight_requests == 0
+    assert kinds(stream.handle(response_trailers())) == ["response_trailers"]
+    stream.close()  # the servicer always closes at stream end: must not release twice
+    assert chosen.inflight_requests == 0 and chosen.inflight_tokens == 0
+
+
+def test_streamed_response_mode_acknowledges_without_echo() -> None:
+    stream = make_stream()
+    stream.handle(request_headers(mode=BUFFERED, response_mode=2))  # STREAMED
+    stream.handle(request_body(CHAT, True))
+    stream.handle(response_headers())
+    replies = list(stream.handle(response_body(b"chunk", False)))
+    assert kinds(replies) == ["response_body"]
+    assert not replies[0].response_body.HasField("response")
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "status", "code"),
+    [
+        (b"{not json", "/v1/chat/completions", 400, "bad_request"),
+        (b"[1, 2]", "/v1/chat/completions", 400, "bad_request"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "/v1/chat/completions", 400, "model_required"),
+        (b'{"model": "m", "messages": "nope"}', "/v1/chat/completions", 400, "bad_request"),
+        (b'{"model": "m", "prompt": 5}', "/v1/completions", 400, "bad_request"),
+        (b'{"model": "m", "prompt": "x", "stream": "yes"}', "/v1/completions", 400, "bad_request"),
+    ],
+)
+def test_bad_bodies_get_an_openai_error(body: bytes, path: str, status: int, code: str) -> None:
+    stream = make_stream()
+    stream.handle(request_headers(path=path))
+    (reply,) = stream.handle(request_body(body, True))
+    immediate = reply.immediate_response
+    assert immediate.status.code == status
+    error = json.loads(immediate.body)["error"]
+    assert error["code"] == code and error["message"]
+    assert header_values(immediate.headers)["content-type"] == "application/json"
+
+
+def test_unknown_model_is_404_when_no_catch_all() -> None:
+    pipeline = make_pipeline(models=[{"name": "llama", "targets": [{"model": "llama-v2"}]}])
+    stream = make_stream(pipeline)
+    stream.handle(request_headers())
+    (reply,) = stream.handle(request_body(CHAT, True))
+    assert reply.immediate_response.status.code == 404
+    assert json.loads(reply.immediate_response.body)["error"]["code"] == "model_not_found"
+
+
+def test_body_over_the_limit_is_413_and_stops_buffering() -> None:
+    pipeline = make_pipeline(limits={"max_body_bytes": 2048})
+    stream = make_stream(pipeline)
+    stream.handle(request_headers())
+    assert list(stream.handle(request_body(b"x" * 2000, False))) == []
+    (reply,) = stream.handle(request_body(b"x" * 2000, False))
+    assert reply.immediate_response.status.code == 413
+    assert "2048" in json.loads(reply.immediate_response.body)["error"]["message"]
+    assert list(stream.handle(request_body(b"x", True))) == []  # late chunks are ignored
+
+
+def test_no_endpoints_is_503_distinct_from_shedding() -> None:
+    stream = make_stream(make_pipeline(addresses=[]))
+    stream.handle(request_headers())
+    (reply,) = stream.handle(request_body(CHAT, True))
+    assert reply.immediate_response.status.code == 503
+    assert json.loads(reply.immediate_response.body)["error"]["code"] == "no_endpoints"
+
+
+@pytest.mark.parametrize("subset", [["10.0.0.2:8000"], "10.0.0.2:8000", "10.0.0.9:1, 10.0.0.2:8000"])
+def test_subset_hint_list_or_comma_string_narrows_the_choice(subset) -> None:
+    for _ in range(10):
+        stream = make_stream()
+        stream.handle(request_headers(subset=subset))
+        replies = list(stream.handle(request_body(CHAT, True)))
+        headers = header_values(replies[0].request_headers.response.header_mutation)
+        assert headers["x-gateway-destination-endpoint"] == "10.0.0.2:8000"
+
+
+def test_empty_subset_hint_is_503() -> None:
+    stream = make_stream()
+    stream.handle(request_headers(subset=[]))
+    (reply,) = stream.handle(request_body(CHAT, True))
+    assert reply.immediate_response.status.code == 503
+    assert json.loads(reply.immediate_response.body)["error"]["code"] == "subset_empty"
+
+
+def test_model_rewrite_rewrites_body_and_content_length() -> None:
+    pipeline = make_pipeline(models=[{"name": "m", "targets": [{"model": "m-v2"}]}])
+    stream = make_stream(pipeline)
+    stream.handle(request_headers({"content-length": str(len(CHAT))}))
+    replies = list(stream.handle(request_body(CHAT, True)))
+    body = b"".join(c for c, _ in streamed_chunks(replies))
+    assert json.loads(body)["model"] == "m-v2"
+    headers = header_values(replies[0].request_headers.response.header_mutation)
+    assert headers["content-length"] == str(len(body))
+
+
+def test_rewrite_header_presets_the_target_model() -> None:
+    stream = make_stream()
+    stream.handle(request_headers({"x-gateway-model-name-rewrite": "adapter-7"}))
+    replies = list(stream.handle(request_body(CHAT, True)))
+    assert json.loads(b"".join(c for c, _ in streamed_chunks(replies)))["model"] == "adapter-7"
+
+
+def test_request_id_is_generated_when_absent_and_kept_when_present() -> None:
+    stream = make_stream()
+    stream.handle(request_headers())
+    replies = list(stream.handle(request_body(CHAT, True)))
+    generated = header_values(replies[0].request_headers.response.header_mutation)["x-request-id"]
+    assert len(generated) == 32
+    stream = make_stream()
+    stream.handle(request_headers({"x-request-id": "abc"}))
+    replies = list(stream.handle(request_body(CHAT, True)))
+    assert "x-request-id" not in header_values(replies[0].request_headers.response.header_mutation)
+
+
+def test_client_sent_destination_header_never_decides() -> None:
+    for _ in range(10):
+        stream = make_stream(make_pipeline(addresses=["10.0.0.1:8000"]))
+        stream.handle(request_headers({"x-gateway-destination-endpoint": "6.6.6.6:666"}))
+        replies = list(stream.handle(request_body(CHAT, True)))
+        headers = header_values(replies[0].request_headers.response.header_mutation)
+        assert headers["x-gateway-destination-endpoint"] == "10.0.0.1:8000"
+
+
+def test_fallback_list_is_ordered_and_distinct() -> None:
+    addresses = [f"10.0.0.{i}:8000" for i in range(1, 5)]
+    stream = make_stream(make_pipeline(addresses=addresses, limits={"fallback_endpoints": 2}))
+    stream.handle(request_headers())
+    replies = list(stream.handle(request_body(CHAT, True)))
+    value = header_values(replies[0].request_headers.response.header_mutation)["x-gateway-destination-endpoint"]
+    parts = value.split(",")
+    assert len(parts) == 3 and len(set(parts)) == 3 and set(parts) <= set(addresses)
+
+
+def test_served_endpoint_metadata_moves_the_inflight_count() -> None:
+    pipeline = make_pipeline(limits={"fallback_endpoints": 1})
+    stream = make_stream(pipeline)
+    stream.handle(request_headers())
+    stream.handle(request_body(CHAT, True))
+    picked, fallback = stream.decision.endpoints
+    stream.handle(response_headers(200, served=fallback.address))
+    assert (picked.inflight_requests, fallback.inflight_requests) == (0, 1)
+    stream.close()
+    assert fallback.inflight_requests == 0
+
+
+def test_internal_error_is_500_for_that_request_only(monkeypatch) -> None:
+    pipeline = make_pipeline()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline.scheduler, "schedule", broken)
+    stream = make_stream(pipeline)
+    stream.handle(request_headers())
+    (reply,) = stream.handle(request_body(CHAT, True))
+    assert reply.immediate_response.status.code == 500
+    monkeypatch.undo()
+    stream = make_stream(pipeline)
+    stream.handle(request_headers())
+    assert kinds(stream.handle(request_body(CHAT, True)))[0] == "request_headers"
+
+
+async def _messages(items, disconnect: bool = False) -> AsyncIterator:
+    """Envoy's side of the stream; `disconnect` ends it with an error after the last item, as grpc
+    does when the downstream client goes away."""
+    for item in items:
+        yield item
+    if disconnect:
+        raise ConnectionResetError("client went away")
+
+
+async def test_client_disconnect_mid_body_releases_nothing_and_mid_response_releases_once() -> None:
+    pipeline = make_pipeline(addresses=["10.0.0.1:8000"])
+    servicer = ExtProcServicer(pipeline, pipeline.config.limits)
+    endpoint = pipeline.pool.get("10.0.0.1:8000")
+    # Gone mid-body: nothing was decided, nothing is held.
+    with pytest.raises(ConnectionResetError):
+        async for _ in servicer.Process(_messages([request_headers(), request_body(CHAT[:5], False)], True), None):
+            pass
+    assert endpoint.inflight_requests == 0 and servicer.active_streams == 0
+    # Gone mid-response: the pick is released exactly once.
+    script = [request_headers(), request_body(CHAT, True), response_headers(), response_body(b"x", False)]
+    replies = []
+    with pytest.raises(ConnectionResetError):
+        async for reply in servicer.Process(_messages(script, True), None):
+            replies.append(reply)
+            if len(replies) == 2:
+                assert endpoint.inflight_requests == 1
+    assert endpoint.inflight_requests == 0 and endpoint.inflight_tokens == 0
+    assert servicer.active_streams == 0
+
+
+async def test_one_bad_request_does_not_disturb_concurrent_ones() -> None:
+    pipeline = make_pipeline()
+    servicer = ExtProcServicer(pipeline, pipeline.config.limits)
+    good = [request_headers(), request_body(CHAT, True), response_headers(), response_body(b"ok", True)]
+    bad = [request_headers(), request_body(b"{oops", True)]
+    good_replies = [r async for r in servicer.Process(_messages(good), None)]
+    bad_replies = [r async for r in servicer.Process(_messages(bad), None)]
+    again = [r async for r in servicer.Process(_messages(good), None)]
+    assert kinds(bad_replies) == ["immediate_response"]
+    assert kinds(good_replies) == kinds(again) == ["request_headers", "request_body", "response_headers", "response_body"]
+    assert all(e.inflight_requests == 0 for e in pipeline.pool)
+
+
+def test_duplex_constant_is_full_duplex() -> None:
+    assert DUPLEX == 4
