@@ -30,6 +30,7 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "envoy"
 SHAPES = ("gateway", "buffered", "override-host", "direct")
+_TLS_CONTEXT_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 
 class LaunchError(RuntimeError):
@@ -100,7 +101,7 @@ def render(options: EnvoyOptions) -> dict[str, Any]:
                 cluster["transport_socket"] = {
                     "name": "envoy.transport_sockets.tls",
                     "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                        "@type": _TLS_CONTEXT_TYPE,
                         "common_tls_context": {"alpn_protocols": ["h2"]},
                     },
                 }
@@ -134,7 +135,8 @@ class Envoy:
             binary, "-c", str(config_path), "--use-dynamic-base-id",
             "--concurrency", str(self.options.concurrency), "-l", self.options.log_level,
             "--log-path", str(self.log_path), "--disable-hot-restart",
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         try:
             await asyncio.wait_for(self._wait_ready(), timeout)

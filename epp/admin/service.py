@@ -86,7 +86,7 @@ def explain(server: Server, request: pb.ExplainRequest) -> pb.ExplainResponse:
                 scores=c.scores,
                 total=c.total,
                 rank=ranks.get(c.address, 0),
-            )  # fmt: skip
+            )
         )
     return out
 

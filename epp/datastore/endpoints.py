@@ -81,7 +81,7 @@ def parse_address(value: str) -> tuple[str, int]:
 
 
 class EndpointPool:
-    """The set of endpoints, keyed by address. Listeners hear about removals (the prefix index forgets them)."""
+    """The endpoints, keyed by address. Listeners hear about removals (the prefix index forgets them)."""
 
     def __init__(self, endpoints: Iterable[Endpoint] = ()) -> None:
         self._by_address: dict[str, Endpoint] = {}

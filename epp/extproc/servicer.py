@@ -19,7 +19,7 @@ client gone, or Envoy cancelling) releases the request's in-flight count exactly
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
@@ -144,7 +144,8 @@ class RequestStream:
                 Rejection(
                     413,
                     "body_too_large",
-                    f"request body exceeds the limit of {self.limits.max_body_bytes} bytes (limits.max_body_bytes)",
+                    f"request body exceeds the limit of {self.limits.max_body_bytes} bytes "
+                    "(limits.max_body_bytes)",
                 )
             )
         if chunk:

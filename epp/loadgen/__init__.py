@@ -1,0 +1,1 @@
+"""Deterministic OpenAI workloads and a streaming client that measures TTFT (demo, benchmarks)."""
