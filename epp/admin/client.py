@@ -48,7 +48,9 @@ def format_explain(response: pb.ExplainResponse) -> str:
         f"pool saturation {response.pool_saturation:.2f}"
     )
     scorers = sorted(response.weights)
-    head = f"{'rank':>4} {'endpoint':<22} " + " ".join(f"{s}(x{response.weights[s]:g})"[:18].rjust(18) for s in scorers)
+    head = f"{'rank':>4} {'endpoint':<22} " + " ".join(
+        f"{s}(x{response.weights[s]:g})"[:18].rjust(18) for s in scorers
+    )
     head += f" {'total':>7}  note"
     lines += [head, "-" * len(head)]
     for c in response.candidates:
@@ -87,7 +89,9 @@ def main(argv: list[str]) -> int:
             if args.body_file:
                 body = Path(args.body_file).read_bytes()
             else:
-                body = json.dumps({"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}).encode()
+                body = json.dumps(
+                    {"model": args.model, "messages": [{"role": "user", "content": args.prompt}]}
+                ).encode()
             headers = {}
             for item in args.header:
                 key, _, value = item.partition(":")
@@ -100,7 +104,10 @@ def main(argv: list[str]) -> int:
             text = format_explain(explained)
             message = explained
     except grpc.RpcError as err:
-        print(f"epp {args.command}: cannot reach the admin API at {args.admin}: {err.code().name}", file=sys.stderr)
+        print(
+            f"epp {args.command}: cannot reach the admin API at {args.admin}: {err.code().name}",
+            file=sys.stderr,
+        )
         return 1
     if args.json:
         from google.protobuf.json_format import MessageToJson

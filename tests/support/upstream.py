@@ -49,6 +49,7 @@ class Upstream:
         self.status = status
         self.requests: list[dict[str, Any]] = []
         self.hits = asyncio.Event()
+        self.gate: asyncio.Event | None = None  # when set by a test, responses wait for it to be set
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -89,6 +90,8 @@ class Upstream:
         }
         self.requests.append(record)
         self.hits.set()
+        if self.gate is not None:
+            await self.gate.wait()
         if self.status != 200:
             return web.json_response({"error": "injected failure"}, status=self.status)
         info = {"upstream": self.address, "model": record["model"], "body_bytes": len(raw),
