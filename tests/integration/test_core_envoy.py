@@ -81,7 +81,9 @@ async def test_one_mib_prompt_in_full_duplex_mode(upstreams, stack) -> None:
         ({"model": "m", "prompt": "z" * 5000}, "/v1/completions", 413, "body_too_large"),
     ],
 )
-async def test_errors_reach_the_client_with_status_and_reason(upstreams, stack, body, path, status, code) -> None:
+async def test_errors_reach_the_client_with_status_and_reason(
+    upstreams, stack, body, path, status, code
+) -> None:
     ups = await upstreams(1)
     _, envoy = await stack([ups[0].address], models=[{"name": "m"}], limits={"max_body_bytes": 4096})
     got, headers, text = await post(envoy.url, body, path)
@@ -104,7 +106,9 @@ async def test_spoofed_destination_header_is_ignored(upstreams, stack) -> None:
     pool, outsider = await upstreams(2)
     _, envoy = await stack([pool.address])
     for _ in range(3):
-        status, _, text = await post(envoy.url, CHAT, headers={"x-gateway-destination-endpoint": outsider.address})
+        status, _, text = await post(
+            envoy.url, CHAT, headers={"x-gateway-destination-endpoint": outsider.address}
+        )
         assert status == 200 and json.loads(text)["upstream"] == pool.address
     assert outsider.requests == []
 
@@ -113,7 +117,9 @@ async def test_subset_hint_narrows_the_choice(upstreams, stack) -> None:
     ups = await upstreams(3)
     _, envoy = await stack([u.address for u in ups], extra_http_filters=[SUBSET_FROM_HEADER])
     for _ in range(6):
-        status, _, text = await post(envoy.url, CHAT, headers={"x-test-subset": f"{ups[1].address},127.0.0.1:9"})
+        status, _, text = await post(
+            envoy.url, CHAT, headers={"x-test-subset": f"{ups[1].address},127.0.0.1:9"}
+        )
         assert status == 200 and json.loads(text)["upstream"] == ups[1].address
     assert ups[0].requests == [] and ups[2].requests == []
 
@@ -124,7 +130,9 @@ async def test_model_rewrite_reaches_the_upstream(upstreams, stack, shape) -> No
     _, envoy = await stack(
         [ups[0].address], shape=shape, models=[{"name": "chat", "targets": [{"model": "llama-3-8b-v2"}]}]
     )
-    status, _, text = await post(envoy.url, {"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
+    status, _, text = await post(
+        envoy.url, {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    )
     assert status == 200, text
     seen = ups[0].requests[0]
     assert json.loads(seen["body"])["model"] == "llama-3-8b-v2"

@@ -33,7 +33,9 @@ def request_headers(
     all_headers = {":method": "POST", ":path": path, "content-type": "application/json", **(headers or {})}
     message = pb.ProcessingRequest(
         request_headers=pb.HttpHeaders(
-            headers=HeaderMap(headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in all_headers.items()]),
+            headers=HeaderMap(
+                headers=[HeaderValue(key=k, raw_value=v.encode()) for k, v in all_headers.items()]
+            ),
             end_of_stream=end_of_stream,
         ),
         protocol_config=pb.ProtocolConfiguration(request_body_mode=mode, response_body_mode=response_mode),
@@ -53,7 +55,9 @@ def request_trailers() -> pb.ProcessingRequest:
     return pb.ProcessingRequest(request_trailers=pb.HttpTrailers())
 
 
-def response_headers(status: int = 200, end_of_stream: bool = False, served: str | None = None) -> pb.ProcessingRequest:
+def response_headers(
+    status: int = 200, end_of_stream: bool = False, served: str | None = None
+) -> pb.ProcessingRequest:
     message = pb.ProcessingRequest(
         response_headers=pb.HttpHeaders(
             headers=HeaderMap(headers=[HeaderValue(key=":status", raw_value=str(status).encode())]),

@@ -10,7 +10,11 @@ from epp.config import ConfigError, build_config, load_config
 
 def test_embedded_defaults_load_and_match_upstream_ports() -> None:
     config = load_config()
-    assert (config.server.extproc_port, config.server.health_port, config.server.metrics_port) == (9002, 9003, 9090)
+    assert (config.server.extproc_port, config.server.health_port, config.server.metrics_port) == (
+        9002,
+        9003,
+        9090,
+    )
     assert config.server.tls.enabled
     assert [s.type for s in config.scheduling.scorers][:3] == ["prefix-cache", "queue", "kv-cache"]
 
@@ -28,12 +32,21 @@ def test_file_then_overrides_layer_over_defaults(tmp_path) -> None:
     ("data", "message"),
     [
         ({"pool": {"endpoints": ["10.0.0.1"]}}, "pool.endpoints[0].address: '10.0.0.1' is not ip:port"),
-        ({"pool": {"endpoints": ["10.0.0.1:70000"]}}, "pool.endpoints[0].address: '10.0.0.1:70000' has an invalid port"),
-        ({"pool": {"endpoints": [{"address": "1.1.1.1:1", "engine": "tgi"}]}}, "pool.endpoints[0].engine: Value error, unknown engine"),
+        (
+            {"pool": {"endpoints": ["10.0.0.1:70000"]}},
+            "pool.endpoints[0].address: '10.0.0.1:70000' has an invalid port",
+        ),
+        (
+            {"pool": {"endpoints": [{"address": "1.1.1.1:1", "engine": "tgi"}]}},
+            "pool.endpoints[0].engine: Value error, unknown engine",
+        ),
         ({"server": {"extproc_port": "x"}}, "server.extproc_port"),
         ({"server": {"tls": {"cert_file": "/a.pem"}}}, "cert_file and key_file must be given together"),
         ({"limits": {"max_body_bytes": 10}}, "limits.max_body_bytes"),
-        ({"models": [{"name": "a", "targets": [{"model": "b", "weight": 0}]}]}, "target weights must not all be 0"),
+        (
+            {"models": [{"name": "a", "targets": [{"model": "b", "weight": 0}]}]},
+            "target weights must not all be 0",
+        ),
         ({"objectives": [{"name": "x"}, {"name": "x"}]}, "duplicate name"),
         ({"surprise": 1}, "surprise: Extra inputs are not permitted"),
     ],

@@ -19,7 +19,10 @@ def test_chat_with_string_and_part_list_content() -> None:
             "model": "m",
             "messages": [
                 {"role": "system", "content": "be brief"},
-                {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}],
+                },
             ],
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -37,7 +40,9 @@ def test_chat_with_string_and_part_list_content() -> None:
 def test_earlier_turns_are_a_prefix_of_later_turns() -> None:
     turn1 = [{"role": "user", "content": "q1"}]
     turn2 = [*turn1, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]
-    assert parse({"model": "m", "messages": turn2}).prompt.startswith(parse({"model": "m", "messages": turn1}).prompt)
+    assert parse({"model": "m", "messages": turn2}).prompt.startswith(
+        parse({"model": "m", "messages": turn1}).prompt
+    )
 
 
 def test_image_parts_identify_the_prompt_without_failing() -> None:
@@ -48,7 +53,12 @@ def test_image_parts_identify_the_prompt_without_failing() -> None:
 
 @pytest.mark.parametrize(
     ("prompt", "text", "tokens"),
-    [("abcdefgh", "abcdefgh", 2), (["ab", "cd"], "ab\ncd", 2), ([1, 2, 3], "1,2,3", 3), ([[1, 2], [3]], "1,2|3", 3)],
+    [
+        ("abcdefgh", "abcdefgh", 2),
+        (["ab", "cd"], "ab\ncd", 2),
+        ([1, 2, 3], "1,2,3", 3),
+        ([[1, 2], [3]], "1,2|3", 3),
+    ],
 )
 def test_completions_prompt_shapes(prompt, text, tokens) -> None:
     parsed = parse({"model": "m", "prompt": prompt, "max_tokens": 5}, "/v1/completions")
@@ -58,7 +68,12 @@ def test_completions_prompt_shapes(prompt, text, tokens) -> None:
 def test_embeddings_and_responses() -> None:
     assert parse({"model": "e", "input": "hello"}, "/v1/embeddings").prompt == "hello"
     parsed = parse(
-        {"model": "m", "instructions": "sys", "input": [{"role": "user", "content": "q"}], "max_output_tokens": 9},
+        {
+            "model": "m",
+            "instructions": "sys",
+            "input": [{"role": "user", "content": "q"}],
+            "max_output_tokens": 9,
+        },
         "/v1/responses",
     )
     assert parsed.prompt == "sys<|user|>q" and parsed.max_tokens == 9
@@ -74,9 +89,19 @@ def test_embeddings_and_responses() -> None:
         (b'{"model": "m"}', "/v1/completions", "bad_request", "'prompt' is required"),
         (b'{"model": "m", "messages": []}', "/v1/chat/completions", "bad_request", "non-empty list"),
         (b'{"model": "m", "messages": [{"content": "x"}]}', "/v1/chat/completions", "bad_request", "'role'"),
-        (b'{"model": "m", "messages": [{"role": "u", "content": 5}]}', "/v1/chat/completions", "bad_request", "content"),
+        (
+            b'{"model": "m", "messages": [{"role": "u", "content": 5}]}',
+            "/v1/chat/completions",
+            "bad_request",
+            "content",
+        ),
         (b'{"model": "m", "prompt": "x", "max_tokens": -1}', "/v1/completions", "bad_request", "max_tokens"),
-        (b'{"model": "m", "prompt": "x", "stream_options": 1}', "/v1/completions", "bad_request", "stream_options"),
+        (
+            b'{"model": "m", "prompt": "x", "stream_options": 1}',
+            "/v1/completions",
+            "bad_request",
+            "stream_options",
+        ),
         (b'{"model": "m", "input": {}}', "/v1/embeddings", "bad_request", "'input'"),
     ],
 )

@@ -21,7 +21,12 @@ def test_no_rules_passes_every_model_through() -> None:
 
 
 def test_exact_match_beats_catch_all_and_unknown_is_404_without_one() -> None:
-    r = router(models=[{"name": "llama", "targets": [{"model": "llama-v2"}]}, {"name": "*", "targets": [{"model": "default"}]}])
+    r = router(
+        models=[
+            {"name": "llama", "targets": [{"model": "llama-v2"}]},
+            {"name": "*", "targets": [{"model": "default"}]},
+        ]
+    )
     assert r.resolve("llama").model == "llama-v2"
     assert r.resolve("other").model == "default"
     strict = router(models=[{"name": "llama"}])
@@ -32,7 +37,11 @@ def test_exact_match_beats_catch_all_and_unknown_is_404_without_one() -> None:
 
 
 def test_weighted_canary_split() -> None:
-    r = router(models=[{"name": "m", "targets": [{"model": "stable", "weight": 90}, {"model": "canary", "weight": 10}]}])
+    r = router(
+        models=[
+            {"name": "m", "targets": [{"model": "stable", "weight": 90}, {"model": "canary", "weight": 10}]}
+        ]
+    )
     counts = Counter(r.resolve("m").model for _ in range(5000))
     assert 0.07 < counts["canary"] / 5000 < 0.13
 
@@ -45,5 +54,7 @@ def test_lora_targets_are_marked_and_rewrite_header_wins() -> None:
 
 
 def test_objective_priorities() -> None:
-    r = router(objectives=[{"name": "batch", "priority": -1}, {"name": "chat", "priority": 5}], default_priority=1)
+    r = router(
+        objectives=[{"name": "batch", "priority": -1}, {"name": "chat", "priority": 5}], default_priority=1
+    )
     assert (r.priority("batch"), r.priority("chat"), r.priority(None), r.priority("unknown")) == (-1, 5, 1, 1)

@@ -87,7 +87,9 @@ def test_bodyless_request_is_answered_at_once() -> None:
     stream = make_stream()
     replies = list(stream.handle(request_headers(end_of_stream=True)))
     assert kinds(replies) == ["request_headers"]
-    assert "x-gateway-destination-endpoint" in header_values(replies[0].request_headers.response.header_mutation)
+    assert "x-gateway-destination-endpoint" in header_values(
+        replies[0].request_headers.response.header_mutation
+    )
 
 
 def test_buffered_mode_answers_headers_at_once_and_decides_on_the_body() -> None:
@@ -252,7 +254,9 @@ def test_fallback_list_is_ordered_and_distinct() -> None:
     stream = make_stream(make_pipeline(addresses=addresses, limits={"fallback_endpoints": 2}))
     stream.handle(request_headers())
     replies = list(stream.handle(request_body(CHAT, True)))
-    value = header_values(replies[0].request_headers.response.header_mutation)["x-gateway-destination-endpoint"]
+    value = header_values(replies[0].request_headers.response.header_mutation)[
+        "x-gateway-destination-endpoint"
+    ]
     parts = value.split(",")
     assert len(parts) == 3 and len(set(parts)) == 3 and set(parts) <= set(addresses)
 
@@ -301,7 +305,9 @@ async def test_client_disconnect_mid_body_releases_nothing_and_mid_response_rele
     endpoint = pipeline.pool.get("10.0.0.1:8000")
     # Gone mid-body: nothing was decided, nothing is held.
     with pytest.raises(ConnectionResetError):
-        async for _ in servicer.Process(_messages([request_headers(), request_body(CHAT[:5], False)], True), None):
+        async for _ in servicer.Process(
+            _messages([request_headers(), request_body(CHAT[:5], False)], True), None
+        ):
             pass
     assert endpoint.inflight_requests == 0 and servicer.active_streams == 0
     # Gone mid-response: the pick is released exactly once.
@@ -325,7 +331,11 @@ async def test_one_bad_request_does_not_disturb_concurrent_ones() -> None:
     bad_replies = [r async for r in servicer.Process(_messages(bad), None)]
     again = [r async for r in servicer.Process(_messages(good), None)]
     assert kinds(bad_replies) == ["immediate_response"]
-    assert kinds(good_replies) == kinds(again) == ["request_headers", "request_body", "response_headers", "response_body"]
+    assert (
+        kinds(good_replies)
+        == kinds(again)
+        == ["request_headers", "request_body", "response_headers", "response_body"]
+    )
     assert all(e.inflight_requests == 0 for e in pipeline.pool)
 
 
