@@ -15,7 +15,6 @@ the simulated TTFT.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from epp.sim.replica import Replica
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 DEFAULT_MAX_TOKENS = 16
+SHUTDOWN_GRACE_S = 0.5
+"""On stop, in-flight requests get this long (real seconds) to finish before they are cancelled."""
 
 
 @dataclass(slots=True)
@@ -496,9 +497,10 @@ _SUMMED = (
 def fleet_stats(per_replica: list[dict[str, Any]]) -> dict[str, Any]:
     """`{"replicas": [...], "total": {...}}` with the counters summed and the fleet's prefix hit rate."""
     total: dict[str, Any] = {k: sum(r[k] for r in per_replica) for k in _SUMMED}
-    total["prefix_hit_rate"] = (
-        total["cached_tokens"] / total["prompt_tokens"] if total["prompt_tokens"] else 0.0
-    )
+    prompt = total["prompt_tokens"]
+    total["prefix_hit_rate"] = total["cached_tokens"] / prompt if prompt else 0.0
+    # CPU seconds of the whole simulator process: lets a benchmark check the simulator is not its bottleneck.
+    total["process_cpu_s"] = time.process_time()
     return {"replicas": per_replica, "total": total}
 
 
@@ -623,7 +625,11 @@ class SimFleet:
                 server = ReplicaServer(replica, port, self)
                 # handler_cancellation: a client that goes away cancels its handler, which aborts its request.
                 runner = web.AppRunner(
-                    server.app, handle_signals=False, access_log=None, handler_cancellation=True
+                    server.app,
+                    handle_signals=False,
+                    access_log=None,
+                    handler_cancellation=True,
+                    shutdown_timeout=SHUTDOWN_GRACE_S,
                 )
                 await runner.setup()
                 self._runners.append(runner)
@@ -640,12 +646,11 @@ class SimFleet:
             raise
 
     async def stop(self) -> None:
+        """Close the listeners, let in-flight requests finish for `SHUTDOWN_GRACE_S`, stop the engines."""
+        await asyncio.gather(*(r.cleanup() for r in self._runners), return_exceptions=True)
+        self._runners.clear()
         for replica in self.replicas:
             await replica.stop()
-        for runner in self._runners:
-            with contextlib.suppress(Exception):
-                await runner.cleanup()
-        self._runners.clear()
 
     async def __aenter__(self) -> SimFleet:
         await self.start()
