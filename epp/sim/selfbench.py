@@ -1,9 +1,9 @@
 """Measure the simulator's own CPU cost: `python -m epp.sim.selfbench [--requests N] [--concurrency C] ...`.
 
-Starts the fleet as a separate process (`epp.sim.cli`), drives it with N streaming chat-free completions from
-C concurrent aiohttp clients in this process, and reads the simulator process's CPU time from `/sim/stats`
-(`total.process_cpu_s`, i.e. `time.process_time()` there) before and after. Prints CPU seconds per 1,000
-requests and per 1,000 output tokens, and the fraction of one core the simulator used.
+Starts the fleet as a separate process (`epp.sim.cli`), drives it with N streaming /v1/completions requests
+from C concurrent aiohttp clients in this process, and reads the simulator process's CPU time from
+`/sim/stats` (`total.process_cpu_s`, i.e. `time.process_time()` there) before and after. Prints CPU seconds
+per 1,000 requests and per 1,000 output tokens, and the fraction of one core the simulator used.
 """
 
 from __future__ import annotations
