@@ -90,7 +90,7 @@ async def _drive(
 ) -> dict[str, Any]:
     async with Envoy(options) as envoy:
         results, wall = await client.run(envoy.url, requests, _progress(arm, len(requests)))
-    summary = client.summarize(results, wall)
+    summary: dict[str, Any] = dict(client.summarize(results, wall))
     summary.update(await _fleet_stats(addresses))
     summary["arm"] = arm
     summary["ttft_s"] = [r.ttft_s for r in results if r.ttft_s >= 0]
@@ -98,7 +98,10 @@ async def _drive(
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'arm':<12} {'TTFT p50':>9} {'TTFT p90':>9} {'out tok/s':>10} {'req/s':>6} {'hit rate':>9} {'errors':>6}"
+    head = (
+        f"{'arm':<12} {'TTFT p50':>9} {'TTFT p90':>9} {'out tok/s':>10} {'req/s':>6} {'hit rate':>9} "
+        f"{'errors':>6}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -152,7 +155,8 @@ async def demo(cfg: DemoConfig) -> list[dict[str, Any]]:
     )  # fmt: skip
     print(
         f"epp demo: {count} requests ({cfg.groups} groups sharing {cfg.system_tokens}-token prefixes, "
-        f"{cfg.qps:g} req/s for {cfg.duration_s:g}s) on {cfg.replicas} simulated vLLM replicas, through Envoy",
+        f"{cfg.qps:g} req/s for {cfg.duration_s:g}s) on {cfg.replicas} simulated vLLM replicas, "
+        "through Envoy",
         file=sys.stderr,
     )
     rows = []

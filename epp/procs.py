@@ -9,9 +9,10 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 
 class ProcessError(RuntimeError):

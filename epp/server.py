@@ -14,6 +14,7 @@ import random
 import signal
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -67,10 +68,12 @@ class Server:
         self.servicer = ExtProcServicer(self.pipeline, config.limits)
         self.health = HealthServicer()
         self.scraper: object | None = None
+        self.discovery: Any = None
         self._grpc: grpc.aio.Server | None = None
         self._ops: grpc.aio.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._stopped = asyncio.Event()
+        self._background: list[asyncio.Future[None]] = []
         self.ports: BoundPorts | None = None
 
     def _extra_gauges(self) -> dict[str, float]:
@@ -113,7 +116,10 @@ class Server:
         await self._ops.start()
         await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
         await self._start_scraper()
-        await self._set_ready(self.pool.synced)
+        if self.config.pool.discovery == "kubernetes":
+            await self._start_discovery()
+        else:
+            await self._set_ready(self.pool.synced)
         self.ports = BoundPorts(extproc_port, health_port, metrics_port)
         log.info(
             "epp serving: ext_proc %s:%d (%s), health/admin :%d, metrics :%d, %d endpoints",
@@ -127,12 +133,27 @@ class Server:
 
         scrape = self.config.scheduling.scrape
         scraper = MetricsScraper(
-            self.pool, interval=scrape.interval_s, timeout=scrape.timeout_s, path=scrape.path
-        )
+            self.pool, interval=scrape.interval_s, timeout=scrape.timeout_s, path=scrape.path,
+            max_scrapes_per_second=scrape.max_scrapes_per_second,
+        )  # fmt: skip
         # Readiness waits for one scrape of every endpoint (success or failure), bounded by the timeout.
         await scraper.scrape_all()
         await scraper.start()
         self.scraper = scraper
+
+    async def _start_discovery(self) -> None:
+        """Follow the InferencePool; readiness turns SERVING after the first full sync of its pods."""
+        from epp.datastore.kubernetes import InferencePoolDiscovery
+
+        await self._set_ready(False)
+        self.discovery = InferencePoolDiscovery(self.pool, self.config.pool.kubernetes)
+        await self.discovery.start()
+
+        async def ready_when_synced() -> None:
+            await self.discovery.synced.wait()
+            await self._set_ready(True)
+
+        self._background.append(asyncio.ensure_future(ready_when_synced()))
 
     async def _set_ready(self, ready: bool) -> None:
         status = (
@@ -158,6 +179,10 @@ class Server:
         await self._set_ready(False)
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        for task in self._background:
+            task.cancel()
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self.scraper is not None:
             await self.scraper.stop()  # type: ignore[attr-defined]
         if self._ops is not None:

@@ -54,7 +54,7 @@ async def _one(session: aiohttp.ClientSession, url: str, request: Request) -> Re
                         prompt = usage.get("prompt_tokens", 0)
                         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0) or 0
             return Result(200, ttft, time.perf_counter() - start, out_tokens, prompt, cached)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as err:
+    except (TimeoutError, aiohttp.ClientError, ValueError) as err:
         return Result(0, -1, time.perf_counter() - start, 0, 0, 0, f"{type(err).__name__}: {err}")
 
 

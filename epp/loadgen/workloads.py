@@ -19,11 +19,51 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CHARS_PER_TOKEN = 4
-_WORDS = (
-    "gpu kernel tensor cache token model batch stream latency router envoy pool replica prefix decode "
-    "prefill adapter queue shard weight layer vector matrix memory block index hash score picker scale "
-    "cluster node pod service gateway request response budget policy metric signal window buffer"
-).split()
+_WORDS = [
+    "gpu",
+    "kernel",
+    "tensor",
+    "cache",
+    "token",
+    "model",
+    "batch",
+    "stream",
+    "latency",
+    "router",
+    "envoy",
+    "pool",
+    "replica",
+    "prefix",
+    "decode",
+    "prefill",
+    "adapter",
+    "queue",
+    "shard",
+    "weight",
+    "layer",
+    "vector",
+    "matrix",
+    "memory",
+    "block",
+    "index",
+    "hash",
+    "score",
+    "picker",
+    "scale",
+    "cluster",
+    "node",
+    "pod",
+    "service",
+    "gateway",
+    "request",
+    "response",
+    "budget",
+    "policy",
+    "metric",
+    "signal",
+    "window",
+    "buffer",
+]
 
 
 @dataclass(slots=True)

@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         "prefix-cached KV cache, LoRA slots and vLLM's /metrics, on a latency profile instead of a GPU.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--replicas", type=int, default=4, help="number of replicas (one port each); 4 matches the picker's default pool")
+    p.add_argument(
+        "--replicas", type=int, default=4, help="replicas, one port each (4 = the picker's default pool)"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument(
         "--base-port",

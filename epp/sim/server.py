@@ -335,6 +335,10 @@ class ReplicaServer:
                 upto = r.notified
                 if upto <= sent[i]:
                     continue
+                if sent[i] == 0:
+                    # The first event carries exactly the first token, however late this writer runs, so
+                    # the first byte a client sees is the first token (TTFT), never a batch of them.
+                    upto = 1
                 text = replica.output_text(offsets[i], sent[i], upto)
                 finish = "length" if r.state == FINISHED and upto >= r.generated else None
                 if chat:
@@ -381,6 +385,8 @@ class ReplicaServer:
                 await resp.prepare(request)
             if parts:
                 await resp.write(b"".join(parts))
+            if any(r.notified > sent[i] for i, r in enumerate(reqs)):
+                woke.set()  # tokens held back behind a first event go out in the next one
             if done:
                 await resp.write_eof()
                 return resp
