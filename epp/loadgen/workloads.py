@@ -115,8 +115,8 @@ def shared_prefix(
     for i, at in enumerate(_arrivals(rng, count, qps)):
         g, u = rng.randrange(groups), rng.randrange(users)
         question = text(rng, question_tokens, f"[user {u} q{i}]")
-        body = _chat(model, [{"role": "system", "content": prefixes[g]}, {"role": "user", "content": question}],
-                     output_tokens)  # fmt: skip
+        messages = [{"role": "system", "content": prefixes[g]}, {"role": "user", "content": question}]
+        body = _chat(model, messages, output_tokens)
         out.append(Request(at, "/v1/chat/completions", body, {"group": str(g)}))
     return out
 
