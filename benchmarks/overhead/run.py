@@ -608,6 +608,51 @@ def evaluate_targets(steps: list[dict], sustainable: list[dict]) -> list[dict]:
     return out
 
 
+def cpu_notes(summary: dict) -> list[str]:
+    """Computed from this run's steps (passing ones only, where CPU per request is not inflated by drops)."""
+    steps = [s for s in summary["steps"] if s["ok"]]
+
+    def med(values: list[float | None]) -> float | None:
+        got = _median(values)
+        return None if got is None else round(got, 2)
+
+    out = []
+    for mode in MODES:
+        noop = {s["rate"]: s for s in steps if s["arm"] == "noop-extproc" and s["mode"] == mode}
+        if not noop:
+            continue
+        floor = med([s["cpu_s_per_1k"] for s in noop.values()])
+        envoy = med([s["envoy_cpu_s_per_1k"] for s in noop.values()])
+        k6 = med([s["k6_cpu_s_per_1k"] for s in noop.values()])
+        text = (
+            f"- `{mode}`: the no-op ext_proc uses {floor} CPU s per 1k requests, i.e. {floor} ms of CPU per "
+            f"request (the grpc.aio floor); the front Envoy {envoy}, k6 {k6} (medians over passing steps)."
+        )
+        extra = []
+        for n in sorted({s["endpoints"] for s in steps if s["arm"] == "epp" and s["mode"] == mode}):
+            diffs = [
+                s["cpu_s_per_1k_net_of_idle"] - noop[s["rate"]]["cpu_s_per_1k"]
+                for s in steps
+                if s["arm"] == "epp" and s["mode"] == mode and s["endpoints"] == n and s["rate"] in noop
+                and s["cpu_s_per_1k_net_of_idle"] is not None and noop[s["rate"]]["cpu_s_per_1k"] is not None
+            ]  # fmt: skip
+            idle = next(
+                (x["idle_picker_cores"] for x in summary["sustainable"]
+                 if (x["arm"], x["mode"], x["endpoints"]) == ("epp", mode, n)),
+                None,
+            )  # fmt: skip
+            if diffs:
+                extra.append(f"{n} endpoints {med(diffs):+g} ms per request, {idle} cores idle")
+        if extra:
+            text += (
+                " epp's CPU over the no-op's at the same rates, net of epp's idle CPU: "
+                + "; ".join(extra)
+                + " (idle = metrics scraping alone, no traffic)."
+            )
+        out.append(text)
+    return out or ["(no passing no-op steps)"]
+
+
 def _statuses(counts: dict[str, int]) -> str:
     return ", ".join(f"{'transport' if k == '0' else k}: {v}" for k, v in sorted(counts.items()))
 
@@ -697,6 +742,8 @@ def write_markdown(path: Path, header: dict, summary: dict, settings: Settings) 
             ]
         )
     )
+    lines += ["", "## Where the CPU goes", ""]
+    lines += cpu_notes(summary)
     lines += ["", "## Every step (medians over repeats)", ""]
     lines.append(
         markdown_table(
