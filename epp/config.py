@@ -184,7 +184,7 @@ class ScrapeConfig(_Strict):
     interval_s: float = Field(0.05, gt=0)
     timeout_s: float = Field(1.0, gt=0)
     path: str = "/metrics"
-    # Scraping budget of the whole pool (~0.2 ms of CPU per scrape of a 32 KB vLLM page): beyond it each
+    # Scraping budget of the whole pool (~0.15 ms of CPU per scrape of a 32 KB vLLM page): beyond it each
     # endpoint's period stretches to endpoints / max_scrapes_per_second (256 endpoints: 0.128 s instead of
     # 0.05 s). Keep that period under `saturation.metrics_staleness_s`, or endpoints count as saturated
     # between scrapes. null: no cap.

@@ -1,30 +1,46 @@
 """Keep every endpoint's `metrics` fresh by scraping its Prometheus page (`http://{address}/metrics`).
 
-One asyncio task per endpoint of the pool, all sharing one aiohttp `ClientSession` (keep-alive, no global
-connection cap: each endpoint has at most one request in flight). The pool's change listener starts tasks for
-new endpoints and cancels those of removed ones.
+One asyncio task per endpoint of the pool, each with its own persistent HTTP/1.1 connection
+(`http_get.KeepAliveGet`: at most one request in flight per endpoint, reconnects when the server closed it).
+The pool's change listener starts tasks for new endpoints and cancels those (and connections) of removed ones.
 
-Timing (defaults: `interval` 0.05 s, `timeout` 1.0 s for the whole request, `max_backoff` 2.0 s):
+Timing (defaults: `interval` 0.05 s, `timeout` 1.0 s for the whole request including connecting,
+`max_backoff` 2.0 s, `max_scrapes_per_second` 2,000):
 
-- Scrapes of one endpoint never overlap: scrape n+1 starts at `max(start_n + interval, end_n)`, so a slow
-  server is scraped back to back, never concurrently, and missed intervals are not caught up in a burst.
-- A scrape *fails* on a connection error, a timeout or a non-200 status. After k consecutive failures the
-  next attempt waits `min(max_backoff, interval * 2**k)` after the failure (0.1, 0.2, 0.4, 0.8, 1.6, 2.0 s
-  with the defaults). After `unreachable_after` (3) consecutive failures `endpoint.reachable` becomes False;
-  the next success sets it back to True and ends the back-off.
+- Each endpoint is scraped every `period = max(interval, len(pool) / max_scrapes_per_second)`: pools of up
+  to 100 endpoints at the 50 ms interval, bigger ones less often (256 endpoints: every 128 ms) so that
+  scraping stays near 0.3 core (see Cost). `max_scrapes_per_second=None` removes the cap.
+  A stretched period is logged at INFO when the pool changes.
+- Scrapes of one endpoint never overlap: scrape n+1 starts at `max(start_n + period, end_n)`, so a slow
+  server is scraped back to back, never concurrently, and missed periods are not caught up in a burst.
+  An endpoint's loop starts at a random phase within the first period, so the pool's scrapes are spread
+  over the period instead of arriving in one burst (`scrape_all()` is what scrapes everything at once).
+- A scrape *fails* on a connection error, a timeout, a malformed or oversized (8 MiB) response or a non-200
+  status. After k consecutive failures the next attempt waits `min(max_backoff, interval * 2**k)` after the
+  failure (0.1, 0.2, 0.4, 0.8, 1.6, 2.0 s with the defaults), and never less than the period after its
+  start. After `unreachable_after` (3) consecutive failures `endpoint.reachable` becomes False; the next
+  success sets it back to True and ends the back-off.
 - A page that answers 200 but lacks a required signal (see `metrics_parse`) is a *bad page*: counted as
   failed and `metrics` is not replaced, but it neither backs off nor marks the endpoint unreachable (the
   server is up, e.g. still loading its model).
 - A success replaces `endpoint.metrics` with a new `MetricsSnapshot` stamped with `time.monotonic()`.
 
 Failures never touch `metrics`, so staleness is for readers to judge from `endpoint.metrics.age()`:
-about `interval` plus the scrape's duration (≈ 0.05 to 0.1 s) is fresh; above 0.2 s the saturation check
-counts the endpoint as saturated (upstream default); above 2 s pool-level gauges ignore it; infinity means
-never scraped successfully.
+about the period plus the scrape's duration (≈ 0.05 to 0.1 s) is fresh; above 0.2 s the saturation check
+counts the endpoint as saturated (upstream default: keep the period below it); above 2 s pool-level gauges
+ignore it; infinity means never scraped successfully.
 
-Cost, measured on a 32 KB vLLM page over loopback: ~0.3 ms of CPU per scrape with the asyncio loop
-(~0.22 ms with uvloop), of which parsing is ~0.04 ms; the rest is aiohttp. 256 endpoints every 50 ms
-(5,120 scrapes/s) would therefore need about 1.5 cores: size `interval` to the pool.
+Cost: CPU of the scraper's process per scrape of a 32 KB vLLM page served over loopback by another process
+(`benchmarks/bench_scrape.py`, results in `benchmarks/results/scrape.json`; 2 shared cores under load, best
+of 3 rounds, arms back to back; ranges span the asyncio and uvloop event loops):
+
+                         ms/scrape      64 x 20 Hz      256 x 20 Hz
+    aiohttp (before)     0.25-0.32      0.40-0.41 core  1.27-1.47 cores (could not keep up: ~1 core used)
+    KeepAliveGet (now)   0.12-0.17      0.17-0.21 core  0.62-0.64 core; 0.28-0.30 with the default cap
+
+i.e. 0.42-0.60x of aiohttp's CPU (median of paired rounds per setting). Of a scrape now, decoding and
+parsing take ~0.04 ms, system time (loopback send/recv, epoll) ~0.035 ms, the event loop's task and timer
+machinery ~0.025 ms; the client's own Python is the remaining few dozen µs.
 
 Problems in a page (malformed line, missing metric, NaN) are logged at WARNING once per endpoint and kind
 of problem, not per scrape; an endpoint going unreachable is logged once at WARNING, its recovery at INFO.
@@ -34,16 +50,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
-
 from epp.datastore.endpoints import Endpoint, EndpointPool
+from epp.datastore.http_get import HttpGetError, KeepAliveGet
 from epp.datastore.metrics_parse import parse_metrics
 
 log = logging.getLogger(__name__)
+
+# Scrapes per second of the whole pool before per-endpoint periods stretch. At ~0.13-0.16 ms of CPU per
+# scrape (32 KB vLLM page, see the module docstring) this bounds scraping to ~0.3 core; up to 100 endpoints
+# keep the 50 ms interval, 256 endpoints are scraped every 128 ms, still fresh for the saturation check's
+# 0.2 s staleness limit (a lower cap would stretch big pools' periods towards it).
+DEFAULT_MAX_SCRAPES_PER_SECOND = 2000.0
 
 ScrapeListener = Callable[[Endpoint, bool], None]
 
@@ -76,6 +98,7 @@ class MetricsScraper:
         max_backoff: float = 2.0,
         unreachable_after: int = 3,
         path: str = "/metrics",
+        max_scrapes_per_second: float | None = DEFAULT_MAX_SCRAPES_PER_SECOND,
     ) -> None:
         self.pool = pool
         self.interval = interval
@@ -83,14 +106,18 @@ class MetricsScraper:
         self.max_backoff = max_backoff
         self.unreachable_after = unreachable_after
         self.path = path if path.startswith("/") else "/" + path
+        if max_scrapes_per_second is not None and max_scrapes_per_second <= 0:
+            raise ValueError("max_scrapes_per_second must be positive (or None for no cap)")
+        self.max_scrapes_per_second = max_scrapes_per_second
         self.stats: dict[str, ScrapeStats] = {}  # by address, for endpoints of the pool
-        self._session: aiohttp.ClientSession | None = None
+        self._clients: dict[str, KeepAliveGet] = {}  # by address: one keep-alive connection each
         self._tasks: dict[str, tuple[Endpoint, asyncio.Task[None]]] = {}
         self._cancelled: set[asyncio.Task[None]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._warned: dict[str, set[tuple[str, str]]] = {}
         self._listeners: list[ScrapeListener] = []
         self._running = False
+        self._logged_period = interval
         self._loop: asyncio.AbstractEventLoop | None = None
         pool.on_changed(self._sync)
 
@@ -98,26 +125,32 @@ class MetricsScraper:
 
     async def start(self) -> None:
         """Start one scrape loop per endpoint of the pool (and follow the pool's changes)."""
-        self._ensure_session()
         self._loop = asyncio.get_running_loop()
         self._running = True
         self._sync()
 
     async def stop(self) -> None:
-        """Cancel and await every scrape loop, then close the HTTP session."""
+        """Cancel and await every scrape loop, then close every connection."""
         self._running = False
         tasks = [task for _, task in self._tasks.values()] + list(self._cancelled)
         self._tasks.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
 
     def on_scrape(self, listener: ScrapeListener) -> None:
         """Call `listener(endpoint, ok)` after every scrape attempt (after stats and metrics are updated)."""
         self._listeners.append(listener)
+
+    def period(self) -> float:
+        """Per-endpoint scrape period: `interval`, stretched to `len(pool) / max_scrapes_per_second` when the
+        pool is too big for the scraping budget (re-read before every sleep, so it follows the pool)."""
+        if self.max_scrapes_per_second is None:
+            return self.interval
+        return max(self.interval, len(self.pool) / self.max_scrapes_per_second)
 
     def backoff(self, failures: int) -> float:
         """Delay before the next attempt after `failures` consecutive failures: min(max, interval * 2**k)."""
@@ -134,7 +167,9 @@ class MetricsScraper:
         """Scrape `endpoint` now (waiting for a scrape of it already in flight, never overlapping one).
         Updates `endpoint.metrics`, `endpoint.reachable` and the stats; True on success. Never raises
         (except CancelledError)."""
-        lock = self._locks.setdefault(endpoint.address, asyncio.Lock())
+        lock = self._locks.get(endpoint.address)
+        if lock is None:
+            lock = self._locks[endpoint.address] = asyncio.Lock()
         async with lock:
             ok = await self._scrape(endpoint)
         for listener in self._listeners:
@@ -145,18 +180,18 @@ class MetricsScraper:
         return ok
 
     async def _scrape(self, endpoint: Endpoint) -> bool:
-        stats = self.stats.setdefault(endpoint.address, ScrapeStats())
-        session = self._ensure_session()
+        stats = self.stats.get(endpoint.address)
+        if stats is None:
+            stats = self.stats[endpoint.address] = ScrapeStats()
         started = time.monotonic()
         try:
-            async with session.get(f"http://{endpoint.address}{self.path}") as response:
-                if response.status != 200:
-                    return self._failed(endpoint, stats, started, f"HTTP {response.status}")
-                body = await response.read()
+            status, body = await self._fetch(endpoint)
         except TimeoutError:
             return self._failed(endpoint, stats, started, f"timeout after {self.timeout:g} s")
-        except (aiohttp.ClientError, OSError, ValueError) as exc:  # ValueError: malformed address or URL
+        except (HttpGetError, OSError, ValueError) as exc:  # ValueError: malformed address
             return self._failed(endpoint, stats, started, f"{type(exc).__name__}: {exc}")
+        if status != 200:
+            return self._failed(endpoint, stats, started, f"HTTP {status}")
 
         result = parse_metrics(body.decode("utf-8", "replace"), endpoint.engine)
         now = time.monotonic()
@@ -172,6 +207,14 @@ class MetricsScraper:
         stats.ok += 1
         self._recovered(endpoint, stats)
         return True
+
+    async def _fetch(self, endpoint: Endpoint) -> tuple[int, bytes]:
+        """GET the endpoint's page over its own keep-alive connection: (status, body)."""
+        client = self._clients.get(endpoint.address)
+        if client is None:
+            client = KeepAliveGet.for_address(endpoint.address, self.path)
+            self._clients[endpoint.address] = client
+        return await client.get(self.timeout)
 
     def _failed(self, endpoint: Endpoint, stats: ScrapeStats, started: float, error: str) -> bool:
         stats.failed += 1
@@ -213,6 +256,9 @@ class MetricsScraper:
     async def _run(self, endpoint: Endpoint) -> None:
         loop = asyncio.get_running_loop()
         stats = self.stats.setdefault(endpoint.address, ScrapeStats())
+        # Start at a random phase of the period: loops started together (start(), a new pool) would otherwise
+        # keep scraping in one burst per period, stalling the request path sharing this event loop.
+        await asyncio.sleep(random.uniform(0.0, self.period()))
         while True:
             started = loop.time()
             try:
@@ -220,8 +266,11 @@ class MetricsScraper:
             except Exception:  # a bug must not end this endpoint's scraping for good
                 self._warn_once(endpoint, ("error", "scrape"), "unexpected error while scraping")
                 log.debug("scrape of %s failed", endpoint.address, exc_info=True)
-            # Healthy: keep the cadence from the start of this scrape (no catch-up); failing: back off.
-            delay = stats.backoff if stats.consecutive_failures else started + self.interval - loop.time()
+            # Healthy: keep the cadence from the start of this scrape (no catch-up); failing: back off, but
+            # never retry faster than the (possibly stretched) period.
+            delay = started + self.period() - loop.time()
+            if stats.consecutive_failures:
+                delay = max(delay, stats.backoff)
             await asyncio.sleep(max(0.0, delay))
 
     # -- pool membership ----------------------------------------------------------------------------------
@@ -240,17 +289,19 @@ class MetricsScraper:
                 self.stats.pop(address, None)
                 self._locks.pop(address, None)
                 self._warned.pop(address, None)
+                client = self._clients.pop(address, None)
+                if client is not None:
+                    client.close()
+        for address in [a for a in self._clients if a not in current]:  # from scrape_once of strangers
+            self._clients.pop(address).close()
         for address, endpoint in current.items():
             if address not in self._tasks:
                 task = self._loop.create_task(self._run(endpoint), name=f"scrape {address}")
                 self._tasks[address] = (endpoint, task)
-
-    def _ensure_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                # limit=0: no global cap; concurrency is already one request per endpoint.
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                raise_for_status=False,
-            )
-        return self._session
+        period = self.period()
+        if period != self._logged_period and (period > self.interval or self._logged_period > self.interval):
+            log.info(
+                "scraping %d endpoints every %.3g s (interval %g s, at most %g scrapes/s)",
+                len(current), period, self.interval, self.max_scrapes_per_second or float("inf"),
+            )  # fmt: skip
+        self._logged_period = period

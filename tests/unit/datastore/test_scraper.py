@@ -181,19 +181,19 @@ async def test_scrape_once_reads_each_engine(servers: list[FakeServer], engine: 
         assert metrics.running_loras == {"sql"} and metrics.max_lora == 2
 
 
-async def test_scrapes_continuously_on_one_keep_alive_session(servers: list[FakeServer]) -> None:
+async def test_scrapes_continuously_on_one_keep_alive_connection(servers: list[FakeServer]) -> None:
     server = await serve(servers)
     endpoint = Endpoint(server.address)
     scraper = MetricsScraper(EndpointPool([endpoint]), interval=0.01)
     scrapes = Scrapes(scraper)
     async with running(scraper):
         await scrapes.count(endpoint.address, 5, ok=True)
-        first_session = scraper._session
+        client = scraper._clients[endpoint.address]
         stamp = endpoint.metrics.updated_at
         await scrapes.count(endpoint.address, 6, ok=True)
         assert endpoint.metrics.updated_at > stamp  # a new snapshot each time
-        assert scraper._session is first_session
-    assert first_session is not None and first_session.closed
+        assert scraper._clients[endpoint.address] is client and client.connects == 1
+    assert scraper._clients == {} and client._conn is None  # stop() closed the connection
     assert scraper.stats[endpoint.address].failed == 0
 
 
@@ -278,7 +278,7 @@ async def test_dead_endpoint_backs_off_and_recovers(servers: list[FakeServer]) -
         await scrapes.count(endpoint.address, 5, ok=False)
         assert not endpoint.reachable
         assert scrapes.backoffs[endpoint.address][:5] == [0.02, 0.04, 0.08, 0.08, 0.08]  # doubles, capped
-        assert "ClientConnectorError" in scraper.stats[endpoint.address].last_error
+        assert "ConnectionRefusedError" in scraper.stats[endpoint.address].last_error
 
         await serve(servers, port=port)
         await scrapes.count(endpoint.address, 1, ok=True)
@@ -330,3 +330,52 @@ async def test_scrape_all_reports_successes_and_failures(servers: list[FakeServe
     assert endpoints[0].metrics.age() < 1.0
     assert endpoints[1].metrics.age() == float("inf")
     assert scraper.stats[bad.address].last_error == "HTTP 500"
+
+
+def test_period_stretches_with_the_pool_to_bound_the_scrape_rate() -> None:
+    def pool(n: int) -> EndpointPool:
+        return EndpointPool([Endpoint(f"10.0.0.{i // 250}:{8000 + i}") for i in range(n)])
+
+    assert MetricsScraper(pool(64)).period() == 0.05  # 1,280/s: under the default budget of 2,000/s
+    assert MetricsScraper(pool(256)).period() == 0.128  # 256 / 2,000
+    assert MetricsScraper(pool(256), max_scrapes_per_second=None).period() == 0.05
+    assert MetricsScraper(pool(10), interval=0.01, max_scrapes_per_second=100).period() == 0.1
+    with pytest.raises(ValueError):
+        MetricsScraper(pool(1), max_scrapes_per_second=0)
+
+
+async def test_scrape_budget_stretches_and_follows_the_pool(
+    servers: list[FakeServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet = [await serve(servers) for _ in range(4)]
+    pool = EndpointPool([Endpoint(s.address) for s in fleet])
+    scraper = MetricsScraper(pool, interval=0.01, max_scrapes_per_second=40)  # 4 endpoints: every 0.1 s
+    caplog.set_level(logging.INFO, logger="epp.datastore.scraper")
+    async with running(scraper):
+        await fleet[0].wait_hits(4)
+        for server in fleet:
+            gaps = [b - a for a, b in zip(server.arrivals, server.arrivals[1:], strict=False)]
+            assert gaps and min(gaps) >= 0.07, gaps  # every ~0.1 s, not every 0.01 s
+
+        pool.replace([Endpoint(fleet[0].address)])  # one endpoint left: every 1/40 s
+        await asyncio.sleep(0.1)  # the sleep already scheduled with the old period ends
+        hits = fleet[0].hits
+        await asyncio.sleep(0.3)
+        assert fleet[0].hits - hits >= 6  # ~12 at 0.025 s, 3 at the old 0.1 s
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert logged == [
+        "scraping 4 endpoints every 0.1 s (interval 0.01 s, at most 40 scrapes/s)",
+        "scraping 1 endpoints every 0.025 s (interval 0.01 s, at most 40 scrapes/s)",
+    ]
+
+
+async def test_loops_start_spread_over_the_period(servers: list[FakeServer]) -> None:
+    fleet = [await serve(servers) for _ in range(8)]
+    scraper = MetricsScraper(EndpointPool([Endpoint(s.address) for s in fleet]), interval=0.2)
+    started = time.monotonic()
+    async with running(scraper):
+        for server in fleet:
+            await server.wait_hits(1)
+    firsts = sorted(server.arrivals[0] - started for server in fleet)
+    assert firsts[-1] < 0.2 + 0.1  # each within its first period (plus slack for a loaded machine)
+    assert firsts[-1] - firsts[0] > 0.03  # not one burst (8 uniform phases: P(spread <= 0.03) < 1e-4)
