@@ -111,8 +111,15 @@ class Pipeline:
         return request, parsed.body, generated
 
     def decide(
-        self, headers: Mapping[str, str], body: bytes | None, subset: frozenset[str] | None = None
+        self,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        subset: frozenset[str] | None = None,
+        *,
+        learn: bool = True,
     ) -> Decision:
+        """Choose the endpoint(s). `learn=False` leaves teaching the learning plugins (prefix index) to a
+        later `learn(decision)` call, so the ext_proc servicer can send its reply first."""
         started = time.perf_counter()
         model = target = ""
         try:
@@ -130,7 +137,8 @@ class Pipeline:
             self.metrics.started(model, target)
         chosen = result.endpoints[0]
         chosen.acquire(request.estimated_tokens)
-        self.scheduler.observe(request, chosen)
+        if learn:
+            self.scheduler.observe(request, chosen)
         new_body = None
         if decoded is not None and target != model:
             decoded["model"] = target
@@ -144,6 +152,10 @@ class Pipeline:
             started=started,
             served=chosen,
         )
+
+    def learn(self, decision: Decision) -> None:
+        """Teach the learning plugins the picked endpoint (see `decide(learn=False)`)."""
+        self.scheduler.observe(decision.request, decision.endpoints[0])
 
     def served_by(self, decision: Decision, address: str) -> None:
         """The gateway reports which endpoint really served the request (a fallback, after a retry):

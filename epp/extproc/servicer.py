@@ -72,6 +72,7 @@ class RequestStream:
         "_body_size",
         "_decided",
         "_duplex",
+        "_learn",
         "_response_duplex",
         "_status",
         "decision",
@@ -92,12 +93,15 @@ class RequestStream:
         self._body: list[bytes] = []
         self._body_size = 0
         self._decided = False
+        self._learn: Decision | None = None  # decided, not yet taught to the prefix index
         self._status = 0  # upstream :status once seen; 0 = none (yet)
 
     # -- dispatch ---------------------------------------------------------------------------------------
     def handle(
         self, message: pb.ProcessingRequest
     ) -> tuple[pb.ProcessingResponse, ...] | list[pb.ProcessingResponse]:
+        if self._learn is not None:
+            self.flush_learning()
         kind = message.WhichOneof("request")
         if kind == "request_body":
             return self._on_request_body(message.request_body)
@@ -167,13 +171,13 @@ class RequestStream:
         self._decided = True
         self._body = []
         try:
-            decision = self.pipeline.decide(self.headers, body, self.subset)
+            decision = self.pipeline.decide(self.headers, body, self.subset, learn=False)
         except Rejection as rejection:
             return self._reject(rejection)
         except Exception:  # our bug: answer 500 for this request only, keep serving the others
             log.exception("ext_proc: internal error while deciding request %s", self.headers.get(REQUEST_ID))
             return self._reject(Rejection(500, "internal_error", "internal error in the endpoint picker"))
-        self.decision = decision
+        self.decision = self._learn = decision
         headers = decision.response_headers()
         if body is None:  # bodyless
             return (msg.decision_headers_response(headers, decision.destination),)
@@ -214,8 +218,16 @@ class RequestStream:
         return (msg.RESPONSE_BODY_CONTINUE,)
 
     # -- end --------------------------------------------------------------------------------------------
+    def flush_learning(self) -> None:
+        """Teach the prefix index the pick. Deferred from the decision so the reply leaves first; runs
+        before this stream's next message is handled, and the servicer runs it right after replying."""
+        decision, self._learn = self._learn, None
+        if decision is not None:
+            self.pipeline.learn(decision)
+
     def close(self) -> None:
         """Idempotent: release the in-flight count and record the outcome."""
+        self.flush_learning()
         decision = self.decision
         if decision is not None:
             self.decision = None
@@ -237,6 +249,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             async for message in request_iterator:
                 for reply in stream.handle(message):
                     yield reply
+                stream.flush_learning()
         finally:
             # Normal end, client disconnect, or cancellation: release exactly once.
             stream.close()

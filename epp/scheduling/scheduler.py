@@ -98,8 +98,11 @@ class Scheduler:
             scores = scorer.score(request, candidates)
             if timings is not None:
                 timings[scorer.name] = clock() - start
-            for i, value in enumerate(scores):
-                totals[i] += weight * _clamp(value)
+            # Clamp inline: this loop runs (scorers x candidates) times per request.
+            totals = [
+                t + weight * (0.0 if v < 0.0 else (1.0 if v > 1.0 else v))
+                for t, v in zip(totals, scores, strict=True)
+            ]
             if explained is not None:
                 for endpoint, value in zip(candidates, scores, strict=True):
                     explained[endpoint.address].scores[scorer.name] = _clamp(value)

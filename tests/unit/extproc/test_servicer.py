@@ -341,3 +341,15 @@ async def test_one_bad_request_does_not_disturb_concurrent_ones() -> None:
 
 def test_duplex_constant_is_full_duplex() -> None:
     assert DUPLEX == 4
+
+
+async def test_prefix_index_learns_the_pick_after_the_reply_is_sent() -> None:
+    pipeline = make_pipeline(addresses=["10.0.0.1:8000"])
+    servicer = ExtProcServicer(pipeline, pipeline.config.limits)
+    prompt = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "p" * 2000}]})
+    index = pipeline.scheduler.observers[0].index
+    entries_at_reply = []
+    async for _reply in servicer.Process(_messages([request_headers(), request_body(prompt, True)]), None):
+        entries_at_reply.append(index.entries("10.0.0.1:8000"))
+    assert entries_at_reply[0] == 0  # the decision left before learning
+    assert index.entries("10.0.0.1:8000") > 0  # and the index learned right after
