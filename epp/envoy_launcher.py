@@ -62,6 +62,8 @@ class EnvoyOptions:
     pool: list[str] = field(default_factory=list)  # ip:port, for the shapes with a static pool
     lb_policy: str = "ROUND_ROBIN"  # direct shape
     extra_http_filters: list[dict[str, Any]] = field(default_factory=list)  # inserted before ext_proc
+    # Merged into the ext_proc filter's processing_mode, e.g. {"response_body_mode": "NONE"}.
+    processing_mode: dict[str, str] = field(default_factory=dict)
     concurrency: int = 1
     log_level: str = "warning"
 
@@ -90,6 +92,10 @@ def render(options: EnvoyOptions) -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load(text)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     filters = hcm["http_filters"]
+    if options.processing_mode:
+        for f in filters:
+            if f["name"] == "envoy.filters.http.ext_proc":
+                f["typed_config"]["processing_mode"].update(options.processing_mode)
     if options.extra_http_filters:
         at = next(
             (i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.ext_proc"), len(filters) - 1
