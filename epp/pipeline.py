@@ -67,7 +67,7 @@ class Pipeline:
         self.config = config
         self.pool = pool
         self.router = ModelRouter(config)
-        self.detector = SaturationDetector(config.scheduling.saturation)
+        self.detector = SaturationDetector(config.scheduling.saturation, config.scheduling.scrape)
         self.metrics = metrics
         self.fallbacks = config.limits.fallback_endpoints
 

@@ -24,7 +24,7 @@ from grpc_health.v1._async import HealthServicer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from epp.config import Config
+from epp.config import Config, ConfigError
 from epp.datastore.endpoints import Endpoint, EndpointPool
 from epp.datastore.prefix_index import PrefixIndex
 from epp.extproc.servicer import ExtProcServicer
@@ -49,22 +49,19 @@ class BoundPorts:
 class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.pool = EndpointPool(Endpoint(e.address, e.engine) for e in config.pool.endpoints)
+        # With Kubernetes discovery the pool starts empty and fills from the InferencePool.
+        static = config.pool.endpoints if config.pool.discovery == "static" else ()
+        self.pool = EndpointPool(Endpoint(e.address, e.engine) for e in static)
         self.prefix_index = PrefixIndex(config.scheduling.prefix.capacity_blocks)
         self.pool.on_removed(lambda endpoint: self.prefix_index.remove_endpoint(endpoint.address))
         self.registry = CollectorRegistry()
         self.request_metrics = RequestMetrics(self.registry)
-        self.registry.register(
-            PoolCollector(
-                self.pool,
-                config.pool.name,
-                config.scheduling.saturation.metrics_staleness_s,
-                self._extra_gauges,
-            )
-        )
         ctx = PluginContext(config, self.prefix_index, random.Random(config.scheduling.seed))
         self.scheduler = build_scheduler(ctx, time_plugins=True)
         self.pipeline = Pipeline(config, self.pool, self.scheduler, self.request_metrics)
+        self.registry.register(
+            PoolCollector(self.pool, config.pool.name, self.pipeline.detector.staleness, self._extra_gauges)
+        )
         self.servicer = ExtProcServicer(self.pipeline, config.limits)
         self.health = HealthServicer()
         self.scraper: object | None = None
@@ -219,6 +216,9 @@ def run(config: Config, ready_file: str | None = None) -> int:
 
     try:
         asyncio.run(main())
+    except ConfigError as err:  # settings only checkable at start-up (e.g. no Kubernetes namespace)
+        print(f"epp: {err}", file=sys.stderr)
+        return 2
     except (RuntimeError, OSError) as err:
         text = str(err)
         if "bind" in text.lower() or "address already in use" in text.lower() or "Failed to" in text:

@@ -27,6 +27,7 @@ class AdminService(pb_grpc.AdminServicer):
 def list_endpoints(server: Server) -> pb.ListEndpointsResponse:
     now = time.monotonic()
     detector = server.pipeline.detector
+    staleness = detector.staleness(len(server.pool))
     out = pb.ListEndpointsResponse(
         pool=server.config.pool.name, pool_saturation=detector.saturation(server.pool.all(), now)
     )
@@ -48,7 +49,7 @@ def list_endpoints(server: Server) -> pb.ListEndpointsResponse:
                 inflight_requests=e.inflight_requests,
                 inflight_tokens=e.inflight_tokens,
                 prefix_index_blocks=server.prefix_index.entries(e.address),
-                saturation=detector.endpoint_saturation(e, now),
+                saturation=detector.endpoint_saturation(e, now, staleness),
             )
         )
     return out

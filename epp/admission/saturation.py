@@ -12,20 +12,27 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from epp.config import SaturationConfig
+from epp.config import SaturationConfig, ScrapeConfig
 from epp.datastore.endpoints import Endpoint
 from epp.errors import Rejection
 
 
 class SaturationDetector:
-    def __init__(self, config: SaturationConfig) -> None:
+    def __init__(self, config: SaturationConfig, scrape: ScrapeConfig | None = None) -> None:
         self.queue_threshold = config.queue_threshold
         self.kv_threshold = config.kv_threshold
-        self.staleness = config.metrics_staleness_s
+        self.min_staleness = config.metrics_staleness_s
+        self.scrape = scrape or ScrapeConfig()
 
-    def endpoint_saturation(self, endpoint: Endpoint, now: float) -> float:
+    def staleness(self, endpoints: int) -> float:
+        """Age beyond which metrics are stale, for a pool of `endpoints`."""
+        return max(self.min_staleness, 3 * self.scrape.period(endpoints))
+
+    def endpoint_saturation(self, endpoint: Endpoint, now: float, staleness: float | None = None) -> float:
         m = endpoint.metrics
-        if not endpoint.reachable or m.age(now) > self.staleness:
+        if staleness is None:
+            staleness = self.min_staleness
+        if not endpoint.reachable or m.age(now) > staleness:
             return 1.0
         queue = m.waiting / self.queue_threshold
         kv = m.kv_usage / self.kv_threshold
@@ -35,7 +42,8 @@ class SaturationDetector:
         if not endpoints:
             return 1.0
         now = time.monotonic() if now is None else now
-        return sum(self.endpoint_saturation(e, now) for e in endpoints) / len(endpoints)
+        staleness = self.staleness(len(endpoints))
+        return sum(self.endpoint_saturation(e, now, staleness) for e in endpoints) / len(endpoints)
 
     def admit(self, priority: int, endpoints: Sequence[Endpoint], pool_name: str) -> None:
         """Raise Rejection(429) for a sheddable request while the pool is saturated."""

@@ -31,16 +31,21 @@ class PoolCollector(Collector):
     """Pool-level gauges computed at scrape time from the datastore."""
 
     def __init__(
-        self, pool: EndpointPool, pool_name: str, staleness_s: float, extra: Callable[[], dict[str, float]]
+        self,
+        pool: EndpointPool,
+        pool_name: str,
+        staleness_s: Callable[[int], float],
+        extra: Callable[[], dict[str, float]],
     ) -> None:
         self.pool = pool
         self.pool_name = pool_name
-        self.staleness_s = staleness_s
+        self.staleness_s = staleness_s  # pool size -> age beyond which metrics are stale
         self.extra = extra
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         now = time.monotonic()
-        fresh = [e for e in self.pool if e.reachable and e.metrics.age(now) <= self.staleness_s]
+        staleness = self.staleness_s(len(self.pool))
+        fresh = [e for e in self.pool if e.reachable and e.metrics.age(now) <= staleness]
         name = self.pool_name
         kv = GaugeMetricFamily(
             "inference_pool_average_kv_cache_utilization",
