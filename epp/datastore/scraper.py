@@ -5,11 +5,11 @@ One asyncio task per endpoint of the pool, each with its own persistent HTTP/1.1
 The pool's change listener starts tasks for new endpoints and cancels those (and connections) of removed ones.
 
 Timing (defaults: `interval` 0.05 s, `timeout` 1.0 s for the whole request including connecting,
-`max_backoff` 2.0 s, `max_scrapes_per_second` 2,000):
+`max_backoff` 2.0 s, `max_scrapes_per_second` 500, the same formula as `ScrapeConfig.period`):
 
 - Each endpoint is scraped every `period = max(interval, len(pool) / max_scrapes_per_second)`: pools of up
-  to 100 endpoints at the 50 ms interval, bigger ones less often (256 endpoints: every 128 ms) so that
-  scraping stays near 0.3 core (see Cost). `max_scrapes_per_second=None` removes the cap.
+  to 25 endpoints at the 50 ms interval, bigger ones less often (64 endpoints: every 128 ms; 256: 512 ms)
+  so that scraping stays under ~0.08 core (see Cost). `max_scrapes_per_second=None` removes the cap.
   A stretched period is logged at INFO when the pool changes.
 - Scrapes of one endpoint never overlap: scrape n+1 starts at `max(start_n + period, end_n)`, so a slow
   server is scraped back to back, never concurrently, and missed periods are not caught up in a burst.
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 # scrape (32 KB vLLM page, see the module docstring) this bounds scraping to ~0.3 core; up to 100 endpoints
 # keep the 50 ms interval, 256 endpoints are scraped every 128 ms, still fresh for the saturation check's
 # 0.2 s staleness limit (a lower cap would stretch big pools' periods towards it).
-DEFAULT_MAX_SCRAPES_PER_SECOND = 2000.0
+DEFAULT_MAX_SCRAPES_PER_SECOND = 500.0
 
 ScrapeListener = Callable[[Endpoint, bool], None]
 
