@@ -336,8 +336,9 @@ def test_period_stretches_with_the_pool_to_bound_the_scrape_rate() -> None:
     def pool(n: int) -> EndpointPool:
         return EndpointPool([Endpoint(f"10.0.0.{i // 250}:{8000 + i}") for i in range(n)])
 
-    assert MetricsScraper(pool(64)).period() == 0.05  # 1,280/s: under the default budget of 2,000/s
-    assert MetricsScraper(pool(256)).period() == 0.128  # 256 / 2,000
+    assert MetricsScraper(pool(20)).period() == 0.05  # 400/s: under the default budget of 500/s
+    assert MetricsScraper(pool(64)).period() == 0.128  # 64 / 500
+    assert MetricsScraper(pool(256)).period() == 0.512  # 256 / 500
     assert MetricsScraper(pool(256), max_scrapes_per_second=None).period() == 0.05
     assert MetricsScraper(pool(10), interval=0.01, max_scrapes_per_second=100).period() == 0.1
     with pytest.raises(ValueError):
