@@ -126,7 +126,7 @@ class Pipeline:
             request, decoded, generated = self.prepare(headers, body, subset)
             model, target = request.model, request.target_model
             endpoints = self.pool.all()
-            self.detector.admit(request.priority, endpoints, self.config.pool.name)
+            self.admit(request, endpoints)
             result: SchedulingResult = self.scheduler.schedule(request, endpoints, count=1 + self.fallbacks)
         except Rejection as rejection:
             if self.metrics:
@@ -152,6 +152,14 @@ class Pipeline:
             started=started,
             served=chosen,
         )
+
+    def admit(self, request: SchedulingRequest, endpoints: list[Endpoint]) -> None:
+        """Shed a sheddable request while the endpoints it may use (the gateway's subset, if any) are
+        saturated. With none at all there is nothing to be saturated: scheduling answers 503 and says why."""
+        subset = request.subset
+        eligible = endpoints if subset is None else [e for e in endpoints if e.address in subset]
+        if eligible:
+            self.detector.admit(request.priority, eligible, self.config.pool.name)
 
     def learn(self, decision: Decision) -> None:
         """Teach the learning plugins the picked endpoint (see `decide(learn=False)`)."""

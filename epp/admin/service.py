@@ -68,7 +68,7 @@ def explain(server: Server, request: pb.ExplainRequest) -> pb.ExplainResponse:
         sreq, _, _ = pipeline.prepare(headers, request.body if request.body else None, subset)
         out.model, out.target_model, out.priority = sreq.model, sreq.target_model, sreq.priority
         out.prompt_tokens = sreq.prompt_tokens
-        pipeline.detector.admit(sreq.priority, server.pool.all(), server.config.pool.name)
+        pipeline.admit(sreq, server.pool.all())
         result = pipeline.scheduler.schedule(
             sreq, server.pool.all(), count=1 + pipeline.fallbacks, explain=True
         )

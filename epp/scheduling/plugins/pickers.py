@@ -30,8 +30,8 @@ class MaxScorePicker:
             ties = [i for i, t in enumerate(totals) if t >= best - _EPSILON]
             index = ties[0] if len(ties) == 1 else ties[self._rng.randrange(len(ties))]
             return [candidates[index]]
-        # Random key breaks ties among equal totals.
-        keys = [(t, self._rng.random()) for t in totals]
+        # Totals equal to 9 decimals (float noise) are ties; a random key breaks them.
+        keys = [(round(t, 9), self._rng.random()) for t in totals]
         order = sorted(range(len(candidates)), key=keys.__getitem__, reverse=True)
         return [candidates[i] for i in order[:count]]
 

@@ -214,11 +214,6 @@ def test_saturated_429_is_distinct_from_no_endpoints_503() -> None:
         assert unavailable.error_type == "service_unavailable"
 
 
-@pytest.mark.xfail(
-    reason="bug: Pipeline.decide (epp/pipeline.py, `self.detector.admit(..., self.pool.all(), ...)`) judges "
-    "saturation over the whole pool, not over the endpoints the gateway's subset hint allows",
-    strict=True,
-)
 def test_saturation_is_judged_over_the_subset_the_request_may_use() -> None:
     # Pool mean 0.5, but the request may only go to the saturated endpoint (2.0): the idle rest of the
     # pool cannot absorb it.
@@ -232,11 +227,6 @@ def test_saturation_is_judged_over_the_subset_the_request_may_use() -> None:
     assert decision.destination == "10.0.0.1:8000"
 
 
-@pytest.mark.xfail(
-    reason="bug: with no endpoint at all, Pipeline.decide runs admission first and a sheddable request "
-    "gets 429 'pool is saturated ... or metrics stale' instead of 503 no_endpoints",
-    strict=True,
-)
 def test_empty_pool_is_503_for_sheddable_requests_too() -> None:
     with pytest.raises(Rejection) as info:
         pipeline([]).decide(headers("batch"), BODY)

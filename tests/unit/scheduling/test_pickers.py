@@ -53,11 +53,6 @@ def test_max_score_fallbacks_in_descending_total() -> None:
     assert [candidates.index(e) for e in picked] == [3, 1, 2, 4]
 
 
-@pytest.mark.xfail(
-    reason="bug: with count > 1 MaxScorePicker orders by exact total, so totals equal within 1e-9 "
-    "(float noise, e.g. 2*0.1 + 2*0.2 vs 2*0.3) always put the same endpoint first, unlike count == 1",
-    strict=True,
-)
 def test_max_score_near_ties_are_random_also_when_fallbacks_are_requested() -> None:
     candidates = pool(2)
     totals = [2 * 0.3, 2 * 0.1 + 2 * 0.2]  # 0.6 and 0.6000000000000001: equal within epsilon
