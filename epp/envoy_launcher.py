@@ -115,10 +115,14 @@ def render(options: EnvoyOptions) -> dict[str, Any]:
 
 
 class Envoy:
-    """One Envoy process. `async with Envoy(options) as envoy:` → `envoy.url` is the ingress."""
+    """One Envoy process. `async with Envoy(options) as envoy:` → `envoy.url` is the ingress.
 
-    def __init__(self, options: EnvoyOptions) -> None:
+    `config` runs a caller-built Envoy config instead of a shape from `envoy/` (its admin port must be
+    `options.admin_port`, which the caller then sets)."""
+
+    def __init__(self, options: EnvoyOptions, config: dict[str, Any] | None = None) -> None:
         self.options = options
+        self.config = config
         self.process: asyncio.subprocess.Process | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self.log_path: Path | None = None
@@ -135,7 +139,8 @@ class Envoy:
             self.options.admin_port = free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="epp-envoy-")
         config_path = Path(self._dir.name) / "envoy.yaml"
-        config_path.write_text(yaml.safe_dump(render(self.options), sort_keys=False))
+        config = self.config if self.config is not None else render(self.options)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.log_path = Path(self._dir.name) / "envoy.log"
         self.process = await asyncio.create_subprocess_exec(
             binary, "-c", str(config_path), "--use-dynamic-base-id",

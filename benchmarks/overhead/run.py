@@ -59,7 +59,6 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.overhead.upstream import InstantUpstream
-from epp import envoy_launcher
 from epp.envoy_launcher import Envoy, EnvoyOptions, find_envoy
 
 K6_SCRIPT = REPO / "benchmarks" / "k6" / "overhead.js"
@@ -113,30 +112,11 @@ def all_arms(names: list[str], modes: list[str], counts: list[int]) -> list[Arm]
     return arms
 
 
-_SHAPE_RENDER = envoy_launcher.render  # the original, captured before start_envoy swaps it
-
-
-def render_response_body_none(options: EnvoyOptions) -> dict[str, Any]:
-    """The shape's config with the ext_proc filter's response_body_mode set to NONE."""
-    config = _SHAPE_RENDER(options)
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    for http_filter in hcm["http_filters"]:
-        if http_filter["name"] == "envoy.filters.http.ext_proc":
-            http_filter["typed_config"]["processing_mode"]["response_body_mode"] = "NONE"
-    return config
-
-
 async def start_envoy(envoy: Envoy, response_body_none: bool) -> None:
-    """Start Envoy; for the "+resp-none" modes, with the rendered config amended. `Envoy.start` renders
-    through the module's `render`, which has no processing-mode option, so it is swapped for the call."""
-    if not response_body_none:
-        await envoy.start()
-        return
-    envoy_launcher.render = render_response_body_none
-    try:
-        await envoy.start()
-    finally:
-        envoy_launcher.render = _SHAPE_RENDER
+    """Start Envoy; the "+resp-none" modes set the ext_proc filter's response_body_mode to NONE."""
+    if response_body_none:
+        envoy.options.processing_mode["response_body_mode"] = "NONE"
+    await envoy.start()
 
 
 @dataclass(slots=True)

@@ -14,16 +14,11 @@ per core, far cheaper than the Python picker being measured. The YAML is written
 
 from __future__ import annotations
 
-import asyncio
 import json
-import tempfile
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from epp.envoy_launcher import LaunchError, find_envoy, free_port
+from epp.envoy_launcher import Envoy, EnvoyOptions, LaunchError, free_port
 
 MODEL = "m"
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -129,9 +124,7 @@ class InstantUpstream:
         self.count = count
         self.concurrency = concurrency
         self.ports: list[int] = []
-        self.admin_port = 0
-        self.process: asyncio.subprocess.Process | None = None
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self.envoy: Envoy | None = None
 
     @property
     def addresses(self) -> list[str]:
@@ -139,49 +132,20 @@ class InstantUpstream:
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process else None
+        process = self.envoy.process if self.envoy else None
+        return process.pid if process else None
 
-    def _pick_ports(self) -> None:
+    async def start(self, timeout: float = 30.0) -> None:
         ports: set[int] = set()
         while len(ports) < self.count:
             ports.add(free_port())
         self.ports = sorted(ports)
-        self.admin_port = free_port()
-
-    async def start(self, timeout: float = 30.0) -> None:
-        self._pick_ports()
-        self._dir = tempfile.TemporaryDirectory(prefix="epp-instant-")
-        config = Path(self._dir.name) / "upstream.yaml"
-        config.write_text(yaml.safe_dump(render(self.ports, self.admin_port), sort_keys=False))
-        log = Path(self._dir.name) / "upstream.log"
-        self.process = await asyncio.create_subprocess_exec(
-            find_envoy(), "-c", str(config), "--use-dynamic-base-id", "--disable-hot-restart",
-            "--concurrency", str(self.concurrency), "-l", "warning", "--log-path", str(log),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+        options = EnvoyOptions(admin_port=free_port(), concurrency=self.concurrency)
+        self.envoy = Envoy(options, config=render(self.ports, options.admin_port))
         try:
-            await asyncio.wait_for(self._wait_ready(), timeout)
-        except (TimeoutError, LaunchError) as err:
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
-            await self.stop()
-            raise LaunchError(f"instant upstream did not start ({err or 'timeout'}):\n{tail}") from None
-
-    async def _wait_ready(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            assert self.process is not None
-            if self.process.returncode is not None:
-                raise LaunchError(f"envoy exited with code {self.process.returncode}")
-            try:
-                status, _ = await loop.run_in_executor(
-                    None, http_get, f"http://127.0.0.1:{self.admin_port}/ready"
-                )
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            await asyncio.sleep(0.05)
+            await self.envoy.start(timeout)
+        except LaunchError as err:
+            raise LaunchError(f"instant upstream did not start: {err}") from None
 
     def verify(self) -> None:
         """Every replica serves its metrics page, the first and last answer a chat completion."""
@@ -195,17 +159,9 @@ class InstantUpstream:
                 raise LaunchError(f"instant upstream {address} POST answered {status}: {body[:200]!r}")
 
     async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            try:
-                await asyncio.wait_for(self.process.wait(), 10)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-        self.process = None
-        if self._dir is not None:
-            self._dir.cleanup()
-            self._dir = None
+        if self.envoy is not None:
+            await self.envoy.stop()
+            self.envoy = None
 
     async def __aenter__(self) -> InstantUpstream:
         await self.start()
