@@ -187,22 +187,42 @@ class PrefixIndex:
         eids, alive = self._resolve(addresses)
         if not alive:
             return [0] * len(addresses)
-        # Walk while some candidate still holds every block so far. Candidates that drop out at depth > 0
-        # are noted with their depth; those that drop at depth 0 (usually most) cost nothing.
-        dropped: list[tuple[int, int]] = []  # (depth, mask of endpoints that stopped there)
-        depth = 0
-        for mask in map(owners.get, hashes):
-            if mask is None:
-                break
-            still = alive & mask
-            if still != alive:
-                if depth:
-                    dropped.append((depth, alive ^ still))
-                alive = still
-                if not alive:
-                    break
-            depth += 1
-        dropped.append((depth, alive))
+        # Each endpoint's blocks are prefix-closed (`record` refreshes a prompt's blocks tail first, so a
+        # head block is never older than its tail and is never evicted before it), so the candidates
+        # holding block k+1 are a subset of those holding block k. Depths are found by bisection: the first
+        # block no candidate holds, then only the intervals where the set of holders changes are split.
+        # Cost ~ O(distinct depths x log blocks) lookups instead of one per matched block.
+        get = owners.get
+
+        def holders(k: int) -> int:
+            return alive & get(hashes[k], 0)
+
+        lo, hi = 0, len(hashes)  # holders(lo) != 0; find the first k with holders(k) == 0 (or len)
+        first = holders(0)
+        if not first:
+            return [0] * len(addresses)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if holders(mid):
+                lo = mid
+            else:
+                hi = mid
+        end = lo  # last block some candidate holds
+        last = holders(end)
+        dropped: list[tuple[int, int]] = [(end + 1, last)]  # (depth, mask of endpoints with that depth)
+        if first != last:
+            stack = [(0, end, first, last)]
+            while stack:
+                a, b, mask_a, mask_b = stack.pop()
+                if mask_a == mask_b:
+                    continue
+                if b - a == 1:
+                    dropped.append((a + 1, mask_a & ~mask_b))  # hold block a, not block b
+                    continue
+                mid = (a + b) // 2
+                mask_mid = holders(mid)
+                stack.append((a, mid, mask_a, mask_mid))
+                stack.append((mid, b, mask_mid, mask_b))
         # depth_of[eid]; the extra last slot stays 0 and answers for unknown candidates (eid -1).
         depth_of = [0] * (self._next_id + 1)
         for at, mask in dropped:
@@ -272,6 +292,9 @@ class PrefixIndex:
         Blocks are refreshed from last to first so the prompt's first block ends up the most recent: under
         pressure an endpoint loses the tails of old prompts before their heads, as a server's cache does
         (a lost head would make every later block of that prefix unmatchable anyway).
+
+        Contract: `hashes` are a prompt's leading blocks as `block_hashes` makes them (a chain). Together
+        with tail-first eviction this keeps each endpoint's blocks prefix-closed, which `match` relies on.
         """
         state = self._endpoints.get(address)
         if state is None:

@@ -131,12 +131,21 @@ def test_capacity_conversion_from_server_cache_shape() -> None:
 
 def test_match_counts_leading_consecutive_blocks_only() -> None:
     index = PrefixIndex()
-    index.record(A, hs(1, 2, 4, 5))  # holds 1, 2, (hole at 3), 4, 5
-    assert index.match(hs(1, 2, 3, 4, 5), [A]) == [2]
+    index.record(A, hs(1, 2, 3, 4, 5))
+    # Chained hashes: a prompt that diverges at block 2 has different hashes from there on.
+    assert index.match(hs(1, 2, 13, 14, 15), [A]) == [2]
     assert index.match(hs(1, 2), [A]) == [2]
     assert index.match(hs(9, 1, 2), [A]) == [0]
-    assert index.match(hs(4, 5), [A]) == [2]
+    assert index.match(hs(1, 2, 3, 4, 5, 6, 7), [A]) == [5]
     assert index.match([], [A]) == [0]
+
+
+def test_match_depths_survive_tail_first_eviction() -> None:
+    index = PrefixIndex(default_capacity_blocks=6)
+    index.record(A, hs(1, 2, 3, 4, 5))
+    index.record(A, hs(21, 22, 23))  # evicts the oldest: the first prompt's tail (5, then 4)
+    assert index.match(hs(1, 2, 3, 4, 5), [A]) == [3]
+    assert index.match(hs(21, 22, 23), [A]) == [3]
 
 
 def test_match_several_endpoints_with_different_depths() -> None:
@@ -359,3 +368,27 @@ def test_randomized_operations_agree_with_a_naive_model() -> None:
         query = rng.choice(roots)
         assert index.match(query, addresses) == [model.match(query, a) for a in addresses]
     assert index.stats()["total_entries"] == sum(len(b) for b in model.blocks.values())
+
+
+def test_match_equals_a_naive_walk_over_realistic_chains_with_eviction() -> None:
+    import random
+
+    rng = random.Random(5)
+    index = PrefixIndex(default_capacity_blocks=40)  # small: constant eviction
+    addresses = [f"10.9.0.{i}:8000" for i in range(6)]
+    prefixes = ["".join(rng.choice("abcd") for _ in range(64 * rng.randint(1, 12))) for _ in range(8)]
+
+    def prompt() -> str:
+        return rng.choice(prefixes) + "".join(rng.choice("wxyz") for _ in range(64 * rng.randint(0, 6)))
+
+    for _ in range(400):
+        index.record(rng.choice(addresses), block_hashes(prompt(), seed_model="m"))
+        query = block_hashes(prompt(), seed_model="m")
+        naive = []
+        for address in addresses:
+            held = index._endpoints[address].lru if address in index._endpoints else {}
+            depth = 0
+            while depth < len(query) and query[depth] in held:
+                depth += 1
+            naive.append(depth)
+        assert index.match(query, addresses) == naive

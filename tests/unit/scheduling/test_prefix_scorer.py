@@ -62,10 +62,11 @@ def test_ratio_is_leading_blocks_held_over_prompt_blocks() -> None:
 
 def test_only_consecutive_leading_blocks_count() -> None:
     prompt = blocks("p", 10)
-    h = hashes_of(prompt)
     index = PrefixIndex()
-    index.record("10.0.0.1:8000", h[:2] + h[3:])  # a hole at block 2: only 2 leading blocks match
-    index.record("10.0.0.2:8000", h[1:])  # everything but the first block: nothing matches
+    # Endpoint 1 served a prompt that diverges from this one at block 2: chained hashes make every later
+    # block differ, so only 2 leading blocks match. Endpoint 2 served the same text behind another block.
+    index.record("10.0.0.1:8000", hashes_of(prompt[: 2 * 64] + blocks("q", 8)))
+    index.record("10.0.0.2:8000", hashes_of(blocks("x", 1) + prompt))
     assert scorer(index).score(request(prompt), [endpoint(1), endpoint(2)]) == pytest.approx([0.2, 0.0])
 
 
