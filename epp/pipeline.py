@@ -24,13 +24,12 @@ from epp.observability.metrics import RequestMetrics
 from epp.request import parse_request
 from epp.routing import ModelRouter
 from epp.scheduling.interfaces import SchedulingRequest
-from epp.scheduling.scheduler import SchedulingResult
+from epp.scheduling.scheduler import Scheduler, SchedulingResult
 
 # Request headers the picker reads.
 REQUEST_ID = "x-request-id"
 OBJECTIVE = "x-gateway-inference-objective"
 MODEL_REWRITE = "x-gateway-model-name-rewrite"
-FAIRNESS_ID = "x-gateway-inference-fairness-id"
 
 
 @dataclass(slots=True)
@@ -57,12 +56,9 @@ class Pipeline:
         self,
         config: Config,
         pool: EndpointPool,
-        scheduler: object,
+        scheduler: Scheduler,
         metrics: RequestMetrics | None = None,
     ) -> None:
-        from epp.scheduling.scheduler import Scheduler
-
-        assert isinstance(scheduler, Scheduler)
         self.scheduler = scheduler
         self.config = config
         self.pool = pool

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from epp.config import Config, ConfigError
 from epp.datastore.prefix_index import PrefixIndex
+from epp.scheduling.scheduler import Scheduler
 
 Kind = Literal["filter", "scorer", "picker"]
 
@@ -79,9 +80,7 @@ def build(kind: Kind, type_name: str, params: Mapping[str, Any], ctx: PluginCont
         raise ConfigError(f"{where}: {err}") from None
 
 
-def build_scheduler(ctx: PluginContext, *, time_plugins: bool = False) -> Any:
-    from epp.scheduling.scheduler import Scheduler
-
+def build_scheduler(ctx: PluginContext, *, time_plugins: bool = False) -> Scheduler:
     sched = ctx.config.scheduling
     filters = [
         build("filter", p.type, p.params, ctx, f"scheduling.filters[{i}]")
