@@ -1,0 +1,139 @@
+"""The routers under test. `start(arm, workers)` is an async context manager yielding the ingress URL and
+the pids of the arm's processes (for CPU accounting); everything it starts is stopped on exit.
+
+    round-robin      Envoy `direct` shape, ROUND_ROBIN (the "Kubernetes Service" baseline)
+    least-request    Envoy `direct` shape, LEAST_REQUEST (Envoy's default: power of two choices)
+    vllm-router      PyPI vllm-router, --policy cache_aware, run unmodified (see peers.py)
+    sglang-router    PyPI sglang-router (smg), launch --policy cache_aware, run unmodified
+    epp*             Envoy `gateway` shape (ext_proc FULL_DUPLEX_STREAMED) + `epp serve --config
+                     configs/<arm>.yaml`: `epp` (defaults), `epp-prefix-only`, `epp-load-only`, and any
+                     other configs/epp-*.yaml (the tuning variants)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.routing import peers
+from epp.envoy_launcher import Envoy, EnvoyOptions, free_port
+from epp.procs import child, picker_args
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+ENVOY_ARMS = {"round-robin": "ROUND_ROBIN", "least-request": "LEAST_REQUEST"}
+PEER_ARMS = tuple(peers.PINS)
+EPP_ARMS = ("epp", "epp-prefix-only", "epp-load-only")
+ALL_ARMS = (*ENVOY_ARMS, *PEER_ARMS, *EPP_ARMS)
+
+
+class ArmError(RuntimeError):
+    """The arm could not be started; the message says why (recorded in the results)."""
+
+
+@dataclass(slots=True)
+class Running:
+    url: str
+    pids: dict[str, int] = field(default_factory=dict)
+
+
+def epp_config(arm: str) -> Path:
+    path = CONFIG_DIR / f"{arm}.yaml"
+    if not path.exists():
+        raise ArmError(f"no picker config {path} for arm {arm!r}")
+    return path
+
+
+def epp_scorers(arm: str) -> list[str]:
+    """The effective scorers of an epp arm, e.g. ["prefix-cache x6 {'load_gap': 4}", ...]."""
+    from epp.config import load_config
+
+    config = load_config(epp_config(arm))
+    return [
+        f"{s.type} x{s.weight:g}" + (f" {s.params}" if s.params else "") for s in config.scheduling.scorers
+    ]
+
+
+def known(arm: str) -> bool:
+    return (
+        arm in ENVOY_ARMS
+        or arm in PEER_ARMS
+        or (arm.startswith("epp") and (CONFIG_DIR / f"{arm}.yaml").exists())
+    )
+
+
+@asynccontextmanager
+async def start(
+    arm: str, workers: list[str], seed: int, statuses: dict[str, peers.PeerStatus]
+) -> AsyncIterator[Running]:
+    if arm in ENVOY_ARMS:
+        options = EnvoyOptions(shape="direct", pool=workers, lb_policy=ENVOY_ARMS[arm])
+        async with Envoy(options) as envoy:
+            assert envoy.process is not None
+            yield Running(envoy.url, {"envoy": envoy.process.pid})
+    elif arm in PEER_ARMS:
+        status = statuses.get(arm)
+        if status is None or status.binary is None:
+            raise ArmError(status.problem if status else f"{arm} was not set up")
+        async with _peer(arm, status.binary, workers) as running:
+            yield running
+    elif arm.startswith("epp"):
+        args = picker_args(workers, config=str(epp_config(arm)), extra=["--seed", str(seed)])
+        async with child("picker", args) as picker:
+            options = EnvoyOptions(shape="gateway", epp_port=picker["extproc"], pool=workers)
+            async with Envoy(options) as envoy:
+                assert envoy.process is not None
+                yield Running(envoy.url, {"picker": picker["pid"], "envoy": envoy.process.pid})
+    else:
+        raise ArmError(f"unknown arm {arm!r}")
+
+
+@asynccontextmanager
+async def _peer(arm: str, binary: str, workers: list[str], timeout: float = 60.0) -> AsyncIterator[Running]:
+    port, metrics_port = free_port(), free_port()
+    log = Path(f"/tmp/routing-{arm}-{port}.log")
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            *peers.command(arm, binary, workers, port, metrics_port),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            if process.returncode is not None:
+                tail = log.read_text(errors="replace")[-1500:]
+                raise ArmError(f"{arm} exited with code {process.returncode}: {tail}")
+            try:
+                if await loop.run_in_executor(None, _status, url + "/health") == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ArmError(f"{arm} did not answer {url}/health within {timeout:.0f}s")
+            try:
+                await asyncio.wait_for(process.wait(), 0.2)
+            except TimeoutError:
+                pass
+        yield Running(url, {arm: process.pid})
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        log.unlink(missing_ok=True)
+
+
+def _status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=1) as response:
+        return int(response.status)
