@@ -57,7 +57,7 @@ async def test_explain_gives_the_choice_and_every_candidates_scores(picker) -> N
     assert scored[ups[1].address].scores["queue"] == 1.0
     assert scored[ups[2].address].scores["kv-cache"] == pytest.approx(0.5)
     assert scored[ups[1].address].rank == 1
-    assert response.weights["prefix-cache"] == 3
+    assert response.weights["prefix-cache"] == 6
     # Explaining changes nothing: no in-flight count, nothing learned by the prefix index.
     assert all(e.inflight_requests == 0 for e in server.pool)
     assert server.prefix_index.stats()["total_entries"] == 0

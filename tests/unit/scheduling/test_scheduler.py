@@ -192,10 +192,10 @@ def test_default_config_builds_the_documented_profile() -> None:
     sched = build_scheduler(PluginContext(config, PrefixIndex(), random.Random(1)))
     assert [f.name for f in sched.filters] == ["subset-hint", "healthy"]
     assert [(s.name, w) for s, w in sched.scorers] == [
-        ("prefix-cache", 3.0),
+        ("prefix-cache", 6.0),
         ("queue", 2.0),
         ("kv-cache", 2.0),
-        ("lora-affinity", 2.0),
+        ("lora-affinity", 4.0),
         ("inflight", 1.0),
     ]
     assert sched.picker.name == "max-score"
