@@ -30,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine_memory_bytes
 from epp.datastore.prefix_index import PrefixIndex, block_hashes
 
 WORDS = [
@@ -198,17 +199,6 @@ def table(title: str, rows: list[dict]) -> str:
     lines = [title, "  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True))]
     lines += ["  ".join(str(r[k]).rjust(w) for k, w in zip(keys, widths, strict=True)) for r in rows]
     return "\n".join(lines)
-
-
-def machine_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def main() -> None:

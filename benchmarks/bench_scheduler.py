@@ -56,6 +56,7 @@ from prometheus_client import CollectorRegistry
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import machine_memory_bytes  # noqa: E402
 from epp.config import Config, PrefixConfig, load_config  # noqa: E402
 from epp.datastore.endpoints import Endpoint, EndpointPool, MetricsSnapshot  # noqa: E402
 from epp.datastore.prefix_index import PrefixIndex, block_hashes  # noqa: E402
@@ -418,17 +419,6 @@ def profile(target: Callable[[], None], top: int = 25) -> str:
 
 
 # -- report -------------------------------------------------------------------------------------------------
-
-
-def machine_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
