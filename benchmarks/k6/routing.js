@@ -17,8 +17,8 @@
 // TTFT: the simulated servers send the response headers together with the first token, so k6's time to
 // first byte (`http_req_waiting`) is the time to first token as the client sees it; it is also recorded
 // as the Trend `ttft` (ok responses only). The last SSE `usage` chunk gives output, prompt and cached
-// tokens. Env: TARGET, REQUESTS, SUMMARY, ARM, WORKLOAD, QPS (tags), TIMEOUT (default 600s),
-// MAX_ERROR_RATE (threshold, default 0.01).
+// tokens. Env: TARGET, REQUESTS, SUMMARY, ARM, WORKLOAD, QPS (tags), TIMEOUT (per request, default
+// 600s), MAX_DURATION (whole replay, default 30m), MAX_ERROR_RATE (threshold, default 0.01).
 
 import http from "k6/http";
 import exec from "k6/execution";

@@ -120,10 +120,10 @@ def header(args: argparse.Namespace, statuses: dict[str, peers.PeerStatus]) -> d
 def _git_state() -> dict[str, Any]:
     def git(*cmd: str) -> str:
         out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=False)
-        return out.stdout.strip()
+        return out.stdout
 
-    dirty = [line[3:] for line in git("status", "--porcelain", "--", "epp", "envoy").splitlines()]
-    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_in_epp_or_envoy": dirty}
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "epp", "envoy").splitlines() if line]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted_in_epp_or_envoy": dirty}
 
 
 def calibrate_all(names: list[str], seed: int, time_scale: float) -> dict[str, dict[str, float]]:
