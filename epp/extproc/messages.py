@@ -73,39 +73,31 @@ def decision_body_response(
 def streamed_request_body(body: bytes, chunk_size: int, end_of_stream: bool) -> list[pb.ProcessingResponse]:
     """The whole request body as streamed_response chunks (FULL_DUPLEX_STREAMED)."""
     if not body:
-        return [_request_chunk(b"", end_of_stream)]
+        return [_streamed_chunk("request_body", b"", end_of_stream)]
     view = memoryview(body)
     last = len(body)
     out = []
     for start in range(0, last, chunk_size):
         stop = min(start + chunk_size, last)
-        out.append(_request_chunk(bytes(view[start:stop]), end_of_stream and stop == last))
+        out.append(_streamed_chunk("request_body", bytes(view[start:stop]), end_of_stream and stop == last))
     return out
 
 
-def _request_chunk(chunk: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(
-                    streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream)
-                )
+def _streamed_chunk(side: str, chunk: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
+    """One `streamed_response` body chunk on `side` ("request_body" or "response_body")."""
+    body = pb.BodyResponse(
+        response=pb.CommonResponse(
+            body_mutation=pb.BodyMutation(
+                streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream)
             )
         )
     )
+    return pb.ProcessingResponse(**{side: body})
 
 
 def streamed_response_body(chunk: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
     """Echo one response-body chunk unchanged (FULL_DUPLEX_STREAMED response side)."""
-    return pb.ProcessingResponse(
-        response_body=pb.BodyResponse(
-            response=pb.CommonResponse(
-                body_mutation=pb.BodyMutation(
-                    streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream)
-                )
-            )
-        )
-    )
+    return _streamed_chunk("response_body", chunk, end_of_stream)
 
 
 def immediate(rejection: Rejection, request_id: str | None = None) -> pb.ProcessingResponse:
