@@ -17,6 +17,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from epp_lab.sim.config import DEFAULT_MODEL
+
 # Bucket layouts close to vLLM's (latency in seconds, token counts).
 _LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
             20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
@@ -38,7 +40,7 @@ _HISTOGRAMS = {
 
 
 def build_vllm_page(
-    models: tuple[str, ...] = ("meta-llama/Llama-3.1-8B-Instruct", "sql-lora"),
+    models: tuple[str, ...] = (DEFAULT_MODEL, "sql-lora"),
     waiting: tuple[float, ...] = (3, 1),
     running: tuple[float, ...] = (12, 4),
     kv_usage: tuple[float, ...] = (0.41, 0.41),
@@ -99,7 +101,7 @@ def build_vllm_page(
 def main() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from epp.datastore.metrics_parse import parse_metrics
+    from epp.datalayer.scrape.extract import parse_metrics
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20000, help="parses to time (default 20000)")

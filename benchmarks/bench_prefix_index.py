@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_memory_bytes
-from epp.datastore.prefix_index import PrefixIndex, block_hashes
+from epp.scheduling.plugins.prefix_cache.index import PrefixIndex, block_hashes
 
 WORDS = [
     "the",

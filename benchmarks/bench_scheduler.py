@@ -4,11 +4,12 @@
 
 For every cell of endpoints (8 / 64 / 256) x prompt length (1k / 8k / 32k tokens, 4 characters per token):
 
-(a) `Scheduler.schedule` + `Scheduler.observe`: the default plugin set of `epp/default_config.yaml`, built
-    with `epp.scheduling.registry.build_scheduler` (plugin timing on, as `epp serve` runs it);
-(b) `Pipeline.decide(learn=False)`: parse the JSON body, resolve the model, admission, the same scheduling
+(a) `Scheduler.schedule` + learning (the plugins' `pre_request` hooks: the prefix index records the pick):
+    the default plugin set of `epp/config.py`, built with `epp.scheduling.registry.build_scheduler` (plugin
+    timing on, as `epp serve` runs it);
+(b) `Director.decide`: parse the JSON body, resolve the model, candidates, admission, the same scheduling
     and in-flight accounting, with request metrics: what the ext_proc servicer runs before its reply (it
-    calls `Pipeline.learn`, i.e. `observe`, after sending the reply; untimed here).
+    calls `Director.dispatched`, i.e. the learning, after sending the reply; untimed here).
 
 The setting is meant to look like a busy pool rather than an empty one:
 
@@ -16,7 +17,7 @@ The setting is meant to look like a busy pool rather than an empty one:
   some, a cache shape so the prefix index sizes each endpoint) and the picker's own in-flight counts, which
   move as requests start and finish (a window of 2 x endpoints requests in flight, outside the timing);
 * the prefix index is warm and full: every endpoint's LRU is first filled to capacity (the default 31,250
-  blocks; 2,048 with --quick) with unrelated blocks (so each `observe` evicts, as in steady state), then
+  blocks; 2,048 with --quick) with unrelated blocks (so each learning step evicts, as in steady state), then
   a warm-up of requests through the scheduler itself places the shared prefixes (Zipf-popular "system
   prompts / documents" making up 30-80 % of each prompt, the rest unique per request);
 * 10 % of requests name a LoRA adapter that some endpoints report running.
@@ -57,17 +58,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine_memory_bytes  # noqa: E402
-from epp.config import Config, PrefixConfig, load_config  # noqa: E402
-from epp.datastore.endpoints import Endpoint, EndpointPool, MetricsSnapshot  # noqa: E402
-from epp.datastore.prefix_index import PrefixIndex, block_hashes  # noqa: E402
+from epp.config import CHARS_PER_TOKEN, Config, load_config  # noqa: E402
+from epp.datalayer.endpoints import Endpoint, EndpointPool, MetricsSnapshot  # noqa: E402
 from epp.observability.metrics import RequestMetrics  # noqa: E402
-from epp.pipeline import Pipeline  # noqa: E402
-from epp.scheduling.interfaces import SchedulingRequest  # noqa: E402
+from epp.requestcontrol.director import Director  # noqa: E402
+from epp.scheduling.interfaces import CycleState, PreRequest, SchedulingRequest  # noqa: E402
+from epp.scheduling.plugins.prefix_cache.index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex, block_hashes  # noqa: E402
+from epp.scheduling.plugins.prefix_cache.scorer import PrefixCacheScorer  # noqa: E402
 from epp.scheduling.registry import PluginContext, build_scheduler  # noqa: E402
 from epp.scheduling.scheduler import Scheduler  # noqa: E402
+from epp_lab.sim.config import DEFAULT_MODEL  # noqa: E402
+from epp_lab.tables import records_table  # noqa: E402
 
-CHARS_PER_TOKEN = 4
-BASE_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+BASE_MODEL = DEFAULT_MODEL
 ADAPTERS = [f"adapter-{i}" for i in range(8)]
 AIM = {"endpoints": 64, "prompt_tokens": 8000, "p99_us": 500.0}
 WORDS = [
@@ -79,7 +82,7 @@ WORDS = [
 
 # Where to cut, from the breakdown and cProfile of the aim's cell and micro-benchmarks of the alternatives on
 # this machine (not applied here: this file only measures). Kept with the numbers they explain. Already
-# applied from an earlier round: `observe` after the reply (`Pipeline.decide(learn=False)` + `learn`) and
+# applied from an earlier round: learning after the reply (`Director.decide`, then `dispatched`) and
 # the inlined clamp in the scheduler's weighted sum.
 SUGGESTIONS = [
     "Prefix matching walks up to 256 blocks, one lookup each in a dict of millions of entries (memory-bound: "
@@ -102,8 +105,8 @@ SUGGESTIONS = [
     "would make each scorer a few vector operations.",
     "The p99 tail: where `cpu_p99_us` (thread CPU time) is close to `p99_us`, the tail is the work itself, "
     "not other processes on the shared machine. It comes from cold picks (the chosen endpoint holds none "
-    "of the prompt: see `warm_pick_ratio`), whose `observe` inserts up to 256 new blocks into a full LRU and "
-    "evicts as many (~300 us at 64 endpoints, 8k tokens, measured apart); that now runs after the reply. "
+    "of the prompt: see `warm_pick_ratio`), whose learning step inserts up to 256 new blocks into a full LRU "
+    "and evicts as many (~300 us at 64 endpoints, 8k tokens, measured apart); that now runs after the reply. "
     "The garbage collector was measured not to matter (gc on, frozen or off: same p99 within noise).",
 ]
 
@@ -120,7 +123,7 @@ class Grid:
 
 # Full: every endpoint's index at the default capacity (31,250 blocks = 500k tokens, a vLLM replica of an 8B
 # model on an 80 GB GPU), full: 2M entries at 64 endpoints, 8M (~1.7 GB) at 256. Quick: a small index.
-DEFAULT_CAPACITY = PrefixConfig().capacity_blocks
+DEFAULT_CAPACITY = DEFAULT_CAPACITY_BLOCKS
 FULL = Grid((8, 64, 256), (1000, 8000, 32000), 3000, 600, capacity_blocks=DEFAULT_CAPACITY, groups=64)
 QUICK = Grid((8, 64, 256), (1000, 8000, 32000), 400, 150, capacity_blocks=2048, groups=24)
 
@@ -230,15 +233,22 @@ def summarize(ns: list[int]) -> dict[str, float]:
     }
 
 
+def prefix_scorer(scheduler: Scheduler) -> PrefixCacheScorer:
+    [prefix] = [s for s, _ in scheduler.scorers if isinstance(s, PrefixCacheScorer)]
+    return prefix
+
+
 def bench_scheduler_cell(count: int, tokens: int, grid: Grid, seed: int) -> tuple[dict[str, Any], Callable]:
     rng = random.Random(seed)
     config = config_for(seed)
-    index = PrefixIndex(grid.capacity_blocks)
     endpoints = make_endpoints(count, grid.capacity_blocks, rng)
-    fill_index(index, endpoints, grid.capacity_blocks, rng)
     scheduler: Scheduler = build_scheduler(
-        PluginContext(config, index, random.Random(seed)), time_plugins=True
+        PluginContext(config, EndpointPool(endpoints), random.Random(seed)), time_plugins=True
     )
+    learners = scheduler.hooks(PreRequest)
+    prefix = prefix_scorer(scheduler)
+    index = prefix.index
+    fill_index(index, endpoints, grid.capacity_blocks, rng)
     workload = Workload(tokens, grid.groups, rng)
 
     def release(item: tuple[Endpoint, int]) -> None:
@@ -258,9 +268,14 @@ def bench_scheduler_cell(count: int, tokens: int, grid: Grid, seed: int) -> tupl
             max_tokens=256,
         )
 
+    def learn(req: SchedulingRequest, state: CycleState, chosen: Endpoint) -> None:
+        for hook in learners:
+            hook.pre_request(req, state, chosen)
+
     def decide(req: SchedulingRequest) -> Endpoint:
-        chosen = scheduler.schedule(req, endpoints).endpoints[0]
-        scheduler.observe(req, chosen)
+        state = CycleState()
+        chosen = scheduler.schedule(req, state, endpoints).endpoints[0]
+        learn(req, state, chosen)
         return chosen
 
     for _ in range(grid.warmup):
@@ -272,7 +287,7 @@ def bench_scheduler_cell(count: int, tokens: int, grid: Grid, seed: int) -> tupl
     total_ns: list[int] = []
     schedule_ns: list[int] = []
     plugin_sum: dict[str, float] = defaultdict(float)
-    observe_ns = 0
+    learn_ns = 0
     warm_picks = 0
     cpu_ns: list[int] = []
     recent: deque[SchedulingRequest] = deque(maxlen=500)
@@ -280,23 +295,24 @@ def bench_scheduler_cell(count: int, tokens: int, grid: Grid, seed: int) -> tupl
     cpu = time.thread_time_ns  # CPU time of this thread: not counting time the shared box ran others
     for _ in range(grid.samples):
         req = request()
+        state = CycleState()
         cpu_start = cpu()
         start = clock()
-        result = scheduler.schedule(req, endpoints)
+        result = scheduler.schedule(req, state, endpoints)
         mid = clock()
         cpu_mid = cpu()
         chosen = result.endpoints[0]
         # Untimed: did the chosen endpoint already hold the prompt's first block (a warm pick)?
-        hashes = req.prefix_hashes or []
+        hashes = state[prefix.name].hashes
         warm_picks += bool(hashes) and index.match(hashes[:1], [chosen.address])[0] > 0
         cpu_resume = cpu()
         resume = clock()
-        scheduler.observe(req, chosen)
+        learn(req, state, chosen)
         end = clock()
         cpu_ns.append(cpu_mid - cpu_start + cpu() - cpu_resume)
         total_ns.append(mid - start + end - resume)
         schedule_ns.append(mid - start)
-        observe_ns += end - resume
+        learn_ns += end - resume
         for name, seconds in (result.plugin_seconds or {}).items():
             plugin_sum[name] += seconds
         chosen.acquire(req.estimated_tokens)
@@ -310,13 +326,13 @@ def bench_scheduler_cell(count: int, tokens: int, grid: Grid, seed: int) -> tupl
     row["cpu_p50_us"], row["cpu_p99_us"] = cpu_summary["p50_us"], cpu_summary["p99_us"]
     plugins_us = {k: v / grid.samples * 1e6 for k, v in plugin_sum.items()}
     # Where the mean goes: each plugin, the scheduler's own work (weighted sum, clamping, timing, explain
-    # bookkeeping) = schedule minus its plugins, and observe (the prefix index learning the pick).
+    # bookkeeping) = schedule minus its plugins, and learn (the prefix index recording the pick).
     row["breakdown_mean_us"] = {
         **{k: round(v, 1) for k, v in plugins_us.items()},
         "scheduler-core": round(statistics.fmean(schedule_ns) / 1000 - sum(plugins_us.values()), 1),
-        "observe": round(observe_ns / grid.samples / 1000, 1),
+        "learn": round(learn_ns / grid.samples / 1000, 1),
     }
-    row["prefix_split_mean_us"] = prefix_split(index, endpoints, list(recent), config)
+    row["prefix_split_mean_us"] = prefix_split(prefix, endpoints, list(recent))
     row["warm_pick_ratio"] = round(warm_picks / grid.samples, 3)
     row["index_entries"] = index.stats()["total_entries"]
 
@@ -328,11 +344,11 @@ def bench_scheduler_cell(count: int, tokens: int, grid: Grid, seed: int) -> tupl
 
 
 def prefix_split(
-    index: PrefixIndex, endpoints: list[Endpoint], requests: list[SchedulingRequest], config: Config
+    prefix: PrefixCacheScorer, endpoints: list[Endpoint], requests: list[SchedulingRequest]
 ) -> dict[str, float]:
     """The prefix scorer's two big parts, timed again on the last requests of the run: hashing the prompt's
     blocks, and matching them against every candidate."""
-    prefix = config.scheduling.prefix
+    index: PrefixIndex = prefix.index
     addresses = [e.address for e in endpoints]
     clock = time.perf_counter_ns
     hash_ns = match_ns = 0
@@ -357,13 +373,13 @@ def prefix_split(
 def bench_pipeline_cell(count: int, tokens: int, grid: Grid, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     config = config_for(seed)
-    index = PrefixIndex(grid.capacity_blocks)
     endpoints = make_endpoints(count, grid.capacity_blocks, rng)
-    fill_index(index, endpoints, grid.capacity_blocks, rng)
-    scheduler = build_scheduler(PluginContext(config, index, random.Random(seed)), time_plugins=True)
-    pipeline = Pipeline(config, EndpointPool(endpoints), scheduler, RequestMetrics(CollectorRegistry()))
+    pool = EndpointPool(endpoints)
+    scheduler = build_scheduler(PluginContext(config, pool, random.Random(seed)), time_plugins=True)
+    fill_index(prefix_scorer(scheduler).index, endpoints, grid.capacity_blocks, rng)
+    director = Director(config, pool, scheduler, RequestMetrics(CollectorRegistry()))
     workload = Workload(tokens, grid.groups, rng)
-    window = InflightWindow(2 * count, lambda decision: pipeline.finish(decision, 200))
+    window = InflightWindow(2 * count, lambda decision: director.finished(decision, 200))
 
     def next_body() -> tuple[dict[str, str], bytes]:
         prefix, rest, model = workload.next()
@@ -377,17 +393,17 @@ def bench_pipeline_cell(count: int, tokens: int, grid: Grid, seed: int) -> dict[
         return headers, orjson.dumps(body)
 
     for _ in range(grid.warmup):
-        decision = pipeline.decide(*next_body(), learn=False)
-        pipeline.learn(decision)
+        decision = director.decide(*next_body())
+        director.dispatched(decision)
         window.started(decision)
     total_ns: list[int] = []
     clock = time.perf_counter_ns
     for _ in range(grid.samples):
         headers, body = next_body()
         start = clock()
-        decision = pipeline.decide(headers, body, learn=False)
+        decision = director.decide(headers, body)
         total_ns.append(clock() - start)
-        pipeline.learn(decision)  # the servicer teaches the index after sending the reply: untimed
+        director.dispatched(decision)  # the servicer reports it after sending the reply: untimed
         window.started(decision)
     window.drain()
     return {"endpoints": count, "prompt_tokens": tokens, "body_bytes": len(body), **summarize(total_ns)}
@@ -402,7 +418,7 @@ def split_note(row: dict[str, Any]) -> str:
         f"At {row['endpoints']} endpoints and {row['prompt_tokens'] // 1000}k tokens the mean of "
         f"{row['mean_us']:g} µs splits into: {listed}. Of prefix-cache, hashing the prompt takes "
         f"~{split['hash']:g} µs and matching it against the candidates ~{split['match']:g} µs (timed apart "
-        f"on the run's last 500 requests). Without `observe` the p99 is {row['schedule_only_p99_us']:g} µs."
+        f"on the run's last 500 requests). Without learning the p99 is {row['schedule_only_p99_us']:g} µs."
     )
 
 
@@ -422,10 +438,7 @@ def profile(target: Callable[[], None], top: int = 25) -> str:
 
 
 def md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    return records_table(rows, columns, align="r")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -450,23 +463,23 @@ def markdown(result: dict[str, Any]) -> str:
         "docstring of `benchmarks/bench_scheduler.py`.\n",
         f"**Aim:** p99 < {aim['p99_us']:.0f} µs at {aim['endpoints']} endpoints and "
         f"{aim['prompt_tokens'] // 1000}k-token prompts: **{aim['measured_p99_us']} µs, "
-        f"{'met' if aim['met'] else 'missed'}** (`Scheduler.schedule` + `observe`). `schedule` alone, "
+        f"{'met' if aim['met'] else 'missed'}** (`Scheduler.schedule` + learning). `schedule` alone, "
         f"which is what delays the reply now that the servicer learns after replying: p99 "
         f"**{aim['schedule_only_p99_us']} µs, {'met' if aim['schedule_only_met'] else 'missed'}**.\n",
-        "## (a) `Scheduler.schedule` + `observe` per request (µs)\n",
+        "## (a) `Scheduler.schedule` + learning per request (µs)\n",
         md_table(result["scheduler"], [*cols, "schedule_only_p99_us", "cpu_p50_us", "cpu_p99_us"]),
-        "\n`schedule_only_p99_us`: without `observe`. `cpu_*`: the same requests in CPU time of the "
+        "\n`schedule_only_p99_us`: without learning. `cpu_*`: the same requests in CPU time of the "
         "benchmark thread (`thread_time_ns`, ~1 µs of clock overhead included), i.e. without the time other "
         "processes on the shared machine took the core: what an idle core would show.\n",
         "\n## Where the mean goes (µs per request)\n",
         "Plugins from the scheduler's own timings; `scheduler-core` = `schedule` minus its plugins "
-        "(weighted sum and clamping, timing); `observe` = the prefix index recording the pick (insert + LRU "
+        "(weighted sum and clamping, timing); `learn` = the prefix index recording the pick (insert + LRU "
         "eviction).\n",
         md_table(plugin_rows, ["endpoints", "prompt_tokens", *plugin_names]),
     ]
     if result.get("pipeline"):
         parts += [
-            "\n## (b) `Pipeline.decide(learn=False)` per request (µs)\n",
+            "\n## (b) `Director.decide` per request (µs)\n",
             "Parse, route, admit, schedule and account: the reply's path (`learn` runs after the reply).\n",
             md_table(result["pipeline"], ["endpoints", "prompt_tokens", "body_bytes", *cols[2:]]),
         ]
@@ -490,7 +503,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer samples and a smaller index (~20 s)")
     parser.add_argument("--profile", action="store_true", help="add a cProfile of the aim's cell")
-    parser.add_argument("--no-pipeline", action="store_true", help="skip (b) Pipeline.decide")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip (b) Director.decide")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
@@ -502,7 +515,7 @@ def main() -> None:
     profile_text = ""
     aim_target: Callable[[], None] | None = None
     header = f"{'endpoints':>9} {'tokens':>6}  {'p50':>7} {'p90':>7} {'p99':>7} {'mean':>7}"
-    print(header + "  (µs, schedule + observe; mean µs per plugin)")
+    print(header + "  (µs, schedule + learn; mean µs per plugin)")
     for count in grid.endpoints:
         for tokens in grid.prompt_tokens:
             row, target = bench_scheduler_cell(count, tokens, grid, args.seed)
@@ -517,7 +530,7 @@ def main() -> None:
             if args.profile and (count, tokens) == (AIM["endpoints"], AIM["prompt_tokens"]):
                 profile_text = profile(target)
     if not args.no_pipeline:
-        print("\n" + header + "  (µs, Pipeline.decide)")
+        print("\n" + header + "  (µs, Director.decide)")
         for count in grid.endpoints:
             for tokens in grid.prompt_tokens:
                 row = bench_pipeline_cell(count, tokens, grid, args.seed)

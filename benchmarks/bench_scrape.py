@@ -1,4 +1,4 @@
-"""CPU seconds the scraper's process spends per 1,000 scrapes: aiohttp vs `epp.datastore.http_get`.
+"""CPU seconds the scraper's process spends per 1,000 scrapes: aiohttp vs `epp.datalayer.scrape.http_get`.
 
 A separate process (this script with `--serve`, so its CPU is not counted) serves a realistic 32 KB vLLM
 /metrics page (`bench_metrics_parse.build_vllm_page`) on `--endpoints` ports of 127.0.0.1, from a raw asyncio
@@ -28,8 +28,8 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -42,9 +42,13 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_metrics_parse
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # epp, when run as a script
 
-from epp.datastore.endpoints import Endpoint, EndpointPool
-from epp.datastore.metrics_parse import parse_metrics
-from epp.datastore.scraper import DEFAULT_MAX_SCRAPES_PER_SECOND, MetricsScraper
+from epp.config import ScrapeConfig
+from epp.datalayer.endpoints import Endpoint, EndpointPool
+from epp.datalayer.scrape.extract import parse_metrics
+from epp.datalayer.scrape.scraper import MetricsScraper
+from epp_lab.procs import Child
+
+DEFAULT_MAX_SCRAPES_PER_SECOND = ScrapeConfig().max_scrapes_per_second or 0.0
 
 RESULT = Path(__file__).resolve().parent / "results" / "scrape.json"
 
@@ -77,7 +81,7 @@ def _page() -> bytes:
     return build_vllm_page(models=("model-0",), waiting=(1,), running=(2,), kv_usage=(0.5,)).encode()
 
 
-async def _serve(endpoints: int, chunked: bool) -> None:
+async def _serve(endpoints: int, chunked: bool, ready_file: str) -> None:
     page = _page()
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
     if chunked:  # 4 KiB chunks, as a streamed body would be (uvicorn sends one chunk per ASGI body message)
@@ -92,19 +96,42 @@ async def _serve(endpoints: int, chunked: bool) -> None:
     for _ in range(endpoints):
         server = await loop.create_server(lambda: _Page(response), "127.0.0.1", 0)
         ports.append(server.sockets[0].getsockname()[1])
-    print(json.dumps({"ports": ports, "page_bytes": len(page)}), flush=True)
-    await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
+    tmp = ready_file + ".tmp"
+    Path(tmp).write_text(json.dumps({"ports": ports, "page_bytes": len(page)}))
+    os.replace(tmp, ready_file)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()  # until the parent stops us
+
+
+class _PageServers:
+    """The page servers as a child process (`epp_lab.procs.Child`), started and stopped from this
+    synchronous benchmark on a private event loop."""
+
+    def __init__(self, endpoints: int, chunked: bool) -> None:
+        argv = [sys.executable, __file__, "--serve", str(endpoints)] + (["--chunked"] if chunked else [])
+        self.child = Child("page-servers", argv, ready_file=True)
+        self.loop = asyncio.new_event_loop()
+
+    def __enter__(self) -> dict[str, Any]:
+        return self.loop.run_until_complete(self.child.start())
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.run_until_complete(self.child.stop())
+        self.loop.close()
 
 
 # -- scraper arms -----------------------------------------------------------------------------------------
 
 
-class AiohttpScraper(MetricsScraper):
+class AiohttpFetch:
     """The previous implementation's transport: one shared aiohttp session for all endpoints."""
 
-    _session: aiohttp.ClientSession | None = None
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path, self.timeout = path, timeout
+        self._session: aiohttp.ClientSession | None = None
 
-    async def _fetch(self, endpoint: Endpoint) -> tuple[int, bytes]:
+    async def __call__(self, endpoint: Endpoint) -> tuple[int, bytes]:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
@@ -119,18 +146,18 @@ class AiohttpScraper(MetricsScraper):
         except aiohttp.ClientError as exc:
             raise OSError(str(exc)) from exc
 
-    async def stop(self) -> None:
-        await super().stop()
+    async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
 
 
 async def _measure(arm: str, ports: list[int], interval: float, seconds: float) -> dict[str, Any]:
     pool = EndpointPool([Endpoint(f"127.0.0.1:{port}") for port in ports])
-    cls = AiohttpScraper if arm == "aiohttp" else MetricsScraper
     # Raw cost per scrape: no scrape budget, except in the arm that shows what the default budget does.
     cap = DEFAULT_MAX_SCRAPES_PER_SECOND if arm == "http_get+cap" else None
-    scraper = cls(pool, interval=interval, timeout=2.0, max_scrapes_per_second=cap)
+    config = ScrapeConfig(interval_s=interval, timeout_s=2.0, max_scrapes_per_second=cap)
+    aiohttp_fetch = AiohttpFetch(config.path, config.timeout_s) if arm == "aiohttp" else None
+    scraper = MetricsScraper(pool, config, fetch=aiohttp_fetch)
     try:
         assert await scraper.scrape_all() == len(ports), "warm-up scrape failed"
         await scraper.start()
@@ -144,6 +171,8 @@ async def _measure(arm: str, ports: list[int], interval: float, seconds: float) 
         failed = sum(s.failed for s in scraper.stats.values()) - failed0
     finally:
         await scraper.stop()
+        if aiohttp_fetch is not None:
+            await aiohttp_fetch.close()
     target = min(len(ports) / interval, cap or float("inf"))
     return {
         "arm": arm,
@@ -189,14 +218,15 @@ def main() -> None:
     parser.add_argument("--loops", nargs="+", default=["asyncio", "uvloop"])
     parser.add_argument("--arms", nargs="+", default=["aiohttp", "http_get", "http_get+cap"])
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/scrape.json")
+    parser.add_argument("--ready-file", help=argparse.SUPPRESS)  # server process mode
     args = parser.parse_args()
     if args.serve:
         try:
             import uvloop
 
-            uvloop.run(_serve(args.serve, args.chunked))
+            uvloop.run(_serve(args.serve, args.chunked, args.ready_file))
         except ImportError:
-            asyncio.run(_serve(args.serve, args.chunked))
+            asyncio.run(_serve(args.serve, args.chunked, args.ready_file))
         return
 
     parse_s = _parse_cost()
@@ -204,11 +234,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     load_before = [round(x, 2) for x in os.getloadavg()]
     for n in args.endpoints:
-        serve_argv = [sys.executable, __file__, "--serve", str(n)] + (["--chunked"] if args.chunked else [])
-        server = subprocess.Popen(serve_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            assert server.stdout is not None
-            info = json.loads(server.stdout.readline())
+        with _PageServers(n, args.chunked) as info:
             for round_ in range(args.rounds):
                 for loop_name in args.loops:
                     for arm in args.arms:
@@ -218,8 +244,6 @@ def main() -> None:
                         row |= _run_arm(arm, loop_name, info["ports"], args.interval, args.seconds)
                         rows.append(row)
                         print(json.dumps(row), flush=True)
-        finally:
-            server.communicate(timeout=10)  # closes its stdin: it exits
 
     best: list[dict[str, Any]] = []
     for n in args.endpoints:

@@ -1,4 +1,7 @@
-"""Helpers shared by the benchmarks: the machine a result was taken on, result files, tables, CPU time.
+"""Helpers shared by the benchmarks: the machine a result was taken on, result files, CPU time, git state.
+
+Tables come from `epp_lab.tables` (the project's one markdown-table writer, re-exported here); child
+processes from `epp_lab.procs`.
 
 Every committed result says how it was made (command), where (nproc, memory, platform, versions) and when
 (UTC), so a number can be traced and re-run.
@@ -9,13 +12,35 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from epp_lab.tables import markdown_table, records_table
+
+__all__ = [
+    "CLOCK_TICKS",
+    "REPO",
+    "RESULTS_DIR",
+    "VENV_BIN",
+    "children_cpu_seconds",
+    "command_line",
+    "git",
+    "load_average",
+    "machine_busy_seconds",
+    "machine_info",
+    "machine_memory_bytes",
+    "markdown_table",
+    "process_cpu_seconds",
+    "records_table",
+    "tool_version",
+    "write_json",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -81,20 +106,6 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A GitHub markdown table; None prints as an en dash."""
-    if not rows:
-        return "(no rows)\n"
-    keys = list(columns or rows[0].keys())
-
-    def cell(value: Any) -> str:
-        return "–" if value is None else str(value)
-
-    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
-    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process (all its threads) from /proc/<pid>/stat; None if gone."""
     try:
@@ -106,3 +117,29 @@ def process_cpu_seconds(pid: int) -> float | None:
     fields = stat[stat.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
     return (utime + stime) / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> tuple[float, float]:
+    """(busy, total) CPU seconds over all cores since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # without guest time (already counted in user)
+    return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
+
+
+def children_cpu_seconds() -> float:
+    """CPU of reaped children: the delta around one k6 run is that k6's CPU (other children live on)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def git(*argv: str) -> str:
+    """`git ARGV` in the repository (read-only queries); "" if git is missing or fails."""
+    try:
+        out = subprocess.run(
+            ["git", *argv], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout

@@ -1,4 +1,5 @@
-"""`epp` command line: serve (the picker), sim (simulated vLLM fleet), demo, explain, endpoints, plugins."""
+"""`epp` command line: serve (the picker), explain, endpoints, plugins, check-config; and, when the lab
+package (`epp_lab`: simulator and demo, not part of the picker) is installed, sim and demo."""
 
 from __future__ import annotations
 
@@ -60,9 +61,9 @@ def _add_serve(sub: Any) -> None:
         "serve",
         help="run the endpoint picker (ext_proc gRPC server)",
         description="Run the endpoint picker. Flags override the config file, which overrides the "
-        "embedded defaults (epp/default_config.yaml).",
+        "defaults (epp/config.py).",
     )
-    p.add_argument("--config", "-c", help="YAML config file (default: embedded defaults)")
+    p.add_argument("--config", "-c", help="YAML config file (default: the built-in defaults)")
     p.add_argument("--host", help="address to bind all ports to (default 127.0.0.1)")
     p.add_argument("--extproc-port", type=int, help="ext_proc gRPC port (default 9002; 0 = any free port)")
     p.add_argument("--health-port", type=int, help="gRPC health + admin API port (default 9003)")
@@ -109,7 +110,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"epp: {err}", file=sys.stderr)
         return 2
-    print(f"{args.config or 'embedded defaults'}: valid ({len(config.pool.endpoints)} endpoints)")
+    print(f"{args.config or 'built-in defaults'}: valid ({len(config.pool.endpoints)} endpoints)")
     return 0
 
 
@@ -118,20 +119,38 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
     for kind, names in registry.available().items():
         print(f"{kind}s: {', '.join(names)}")
+    if args.verbose:
+        for plugin in sorted(registry.plugin_types(), key=lambda p: (p.kind, p.name)):
+            defaults = ", ".join(f"{k}={v!r}" for k, v in plugin.defaults().items()) or "no parameters"
+            print(f"\n{plugin.kind} {plugin.name} ({defaults})\n  {plugin.doc}")
     return 0
+
+
+def _lab(module: str, argv: list[str]) -> int:
+    """Run a lab command (simulator, demo) if the lab package is installed; it is not part of the picker."""
+    import importlib
+
+    try:
+        lab = importlib.import_module(f"epp_lab.{module}")
+    except ModuleNotFoundError as err:
+        if err.name is None or not err.name.startswith("epp_lab"):
+            raise
+        print(
+            "epp: the lab tools (simulator, demo) are not installed; from a checkout run ./dev setup "
+            "(or pip install -e lab/)",
+            file=sys.stderr,
+        )
+        return 2
+    return int(lab.main(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Subcommands with their own parsers get the rest of the line untouched.
     if argv and argv[0] == "sim":
-        from epp.sim.cli import main as sim_main
-
-        return sim_main(argv[1:])
+        return _lab("sim.cli", argv[1:])
     if argv and argv[0] == "demo":
-        from epp.demo import main as demo_main
-
-        return demo_main(argv[1:])
+        return _lab("demo", argv[1:])
     if argv and argv[0] in ("explain", "endpoints"):
         from epp.admin.client import main as admin_main
 
@@ -148,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="round-robin vs the picker on a simulated fleet (see `epp demo --help`)")
     sub.add_parser("explain", help="explain where a request would go and why (see `epp explain --help`)")
     sub.add_parser("endpoints", help="list endpoints with metrics and in-flight counts")
-    sub.add_parser("plugins", help="list the registered scheduling plugins")
+    plugins = sub.add_parser("plugins", help="list the registered scheduling plugins")
+    plugins.add_argument("-v", "--verbose", action="store_true", help="with parameters and formulas")
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", nargs="?", help="YAML config file (default: embedded defaults)")
     args = parser.parse_args(argv)

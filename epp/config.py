@@ -1,20 +1,24 @@
 """The one configuration model. Every default of the service lives in this file.
 
-Built once at start-up from the embedded defaults, an optional YAML file and command-line overrides
+Built once at start-up from these defaults, an optional YAML file and command-line overrides
 (`load_config`), validated, then passed down read-only. A bad value fails start-up with a `ConfigError`
 naming the key path and the problem, e.g. ``scheduling.scorers[1].weight: must be >= 0``.
+
+A scheduling plugin's own parameters (e.g. the prefix-cache scorer's `load_gap`) are validated by the
+plugin's `Params` model next to its code (`epp plugins` lists them); which plugins run, with which weights
+and non-default parameters, is decided here (`DEFAULT_SCORERS`).
+
+This module imports nothing from the rest of `epp`: every other package may read it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from epp.datastore.endpoints import ENGINES, parse_address
 
 # Defaults (upstream GIE values unless said otherwise).
 EXTPROC_PORT = 9002
@@ -22,18 +26,36 @@ HEALTH_PORT = 9003  # gRPC health + our admin API (plaintext, like upstream's he
 METRICS_PORT = 9090
 MAX_BODY_BYTES = 16 * 1024 * 1024  # ours: generous for 32k-token prompts with images as URLs
 BODY_CHUNK_BYTES = 62_000  # Envoy limits a streamed_response chunk to ~64 KiB
-DEFAULT_MODEL_SERVER_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+CHARS_PER_TOKEN = 4  # token estimate where no tokenizer is used: tokens = ceil(characters / 4)
+# The local pool of `epp sim` (4 simulated vLLM replicas from port 8100): `epp sim` + `epp serve` just work.
+LOCAL_ENDPOINTS = ("127.0.0.1:8100", "127.0.0.1:8101", "127.0.0.1:8102", "127.0.0.1:8103")
+
+# Model-server engines the picker can read metrics from (their metric names: epp/datalayer/engines.py).
+Engine = Literal["vllm", "sglang", "trtllm-serve", "triton-trtllm"]
+ENGINES: tuple[str, ...] = get_args(Engine)
 
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the key and the problem."""
 
 
-class _Strict(BaseModel):
+def parse_address(value: str) -> tuple[str, int]:
+    """Split and validate `ip:port` (IPv6 as `[::1]:8000`). Raises ValueError with a readable reason."""
+    host, sep, port_text = value.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r} is not ip:port")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{value!r} has an invalid port")
+    return host, int(port_text)
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors, values are read-only after validation."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TLSConfig(_Strict):
+class TLSConfig(StrictModel):
     """TLS on the ext_proc port. Enabled by default with a self-signed certificate made at start-up,
     as upstream does (Envoy AI Gateway dials TLS without verifying). Give both files to use your own."""
 
@@ -48,7 +70,7 @@ class TLSConfig(_Strict):
         return self
 
 
-class ServerConfig(_Strict):
+class ServerConfig(StrictModel):
     host: str = "127.0.0.1"  # 0.0.0.0 in the Kubernetes manifests
     extproc_port: int = Field(EXTPROC_PORT, ge=0, le=65535)
     health_port: int = Field(HEALTH_PORT, ge=0, le=65535)
@@ -58,7 +80,7 @@ class ServerConfig(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-class EndpointConfig(_Strict):
+class EndpointConfig(StrictModel):
     address: str  # ip:port
     engine: str = "vllm"
 
@@ -76,7 +98,7 @@ class EndpointConfig(_Strict):
         return value
 
 
-class KubernetesConfig(_Strict):
+class KubernetesConfig(StrictModel):
     """Where to find the InferencePool to follow (`pool.discovery: kubernetes`). In-cluster defaults: the
     API server from KUBERNETES_SERVICE_HOST/PORT, the service account's token, CA and namespace."""
 
@@ -88,13 +110,13 @@ class KubernetesConfig(_Strict):
     namespace_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
-class PoolConfig(_Strict):
+class PoolConfig(StrictModel):
     """The model-server replicas. `static` lists them here (local runs, tests); `kubernetes` follows an
     InferencePool: its selector's Ready pods × its target ports (see deploy/)."""
 
     name: str = "default-pool"
     discovery: Literal["static", "kubernetes"] = "static"
-    endpoints: tuple[EndpointConfig, ...] = ()
+    endpoints: tuple[EndpointConfig, ...] = tuple(EndpointConfig(address=a) for a in LOCAL_ENDPOINTS)
     kubernetes: KubernetesConfig = KubernetesConfig()
 
     @model_validator(mode="after")
@@ -121,13 +143,13 @@ class PoolConfig(_Strict):
         return self
 
 
-class TargetModel(_Strict):
+class TargetModel(StrictModel):
     model: str = Field(min_length=1)
     weight: int = Field(1, ge=0)
     lora: bool = False  # the target is a LoRA adapter name (scored for adapter residency)
 
 
-class ModelRule(_Strict):
+class ModelRule(StrictModel):
     """Client-facing model name (exact, or "*" for every other name) → weighted target models.
 
     No targets means the name passes through unchanged. Weights split traffic (canary: 90/10)."""
@@ -142,21 +164,21 @@ class ModelRule(_Strict):
         return self
 
 
-class Objective(_Strict):
+class Objective(StrictModel):
     """Named priority, chosen per request by header `x-gateway-inference-objective`. Negative = sheddable."""
 
     name: str = Field(min_length=1)
     priority: int = 0
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(StrictModel):
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
     body_chunk_bytes: int = Field(BODY_CHUNK_BYTES, ge=1024, le=65_000)
     # Extra endpoints after the chosen one in the destination header, for Envoy's override_host policy.
     fallback_endpoints: int = Field(0, ge=0, le=16)
 
 
-class PluginConfig(_Strict):
+class PluginConfig(StrictModel):
     """A scheduling plugin by registered type name, with its weight (scorers) and parameters."""
 
     type: str
@@ -164,7 +186,7 @@ class PluginConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class SaturationConfig(_Strict):
+class SaturationConfig(StrictModel):
     """Pool saturation = mean over endpoints of max(waiting / queue_threshold, kv_usage / kv_threshold);
     an endpoint whose metrics are stale counts as fully saturated (1.0). Stale = older than
     max(metrics_staleness_s, 3 x the scrape period), so a stretched scrape period (big pools) is not
@@ -175,14 +197,7 @@ class SaturationConfig(_Strict):
     metrics_staleness_s: float = Field(0.2, gt=0)
 
 
-class PrefixConfig(_Strict):
-    block_chars: int = Field(64, ge=4)  # 16 tokens x ~4 chars
-    max_blocks: int = Field(256, ge=1)  # blocks hashed and matched per request
-    capacity_blocks: int = Field(31_250, ge=1)  # per endpoint, when the server exports no cache shape
-    auto_capacity: bool = True  # size per endpoint from the server's cache_config_info when exported
-
-
-class ScrapeConfig(_Strict):
+class ScrapeConfig(StrictModel):
     interval_s: float = Field(0.05, gt=0)
     timeout_s: float = Field(1.0, gt=0)
     path: str = "/metrics"
@@ -191,28 +206,45 @@ class ScrapeConfig(_Strict):
     # max_scrapes_per_second (64 endpoints: 0.128 s; 256: 0.512 s). Ours, not upstream's (every 50 ms):
     # the picker's own in-flight counts cover the bursts between scrapes. null: no cap.
     max_scrapes_per_second: float | None = Field(500.0, gt=0)
+    max_backoff_s: float = Field(2.0, gt=0)  # failing endpoints are retried at most this far apart
+    unreachable_after: int = Field(3, ge=1)  # consecutive failed scrapes before an endpoint is unreachable
 
     def period(self, endpoints: int) -> float:
-        """Seconds between two scrapes of one endpoint in a pool of `endpoints`."""
+        """Seconds between two scrapes of one endpoint in a pool of `endpoints`:
+        max(interval_s, endpoints / max_scrapes_per_second)."""
         if self.max_scrapes_per_second is None:
             return self.interval_s
         return max(self.interval_s, endpoints / self.max_scrapes_per_second)
 
 
-class SchedulingConfig(_Strict):
-    """One profile: filters, then weighted scorers, then a picker. Plugin types are listed by
-    `epp plugins`; defaults chosen by the routing benchmark (see benchmarks/README.md)."""
+# The default scheduling profile, chosen by the routing benchmark (benchmarks/results/routing.tuning.md), not
+# copied: upstream's 3/2/2 let a one-request load difference (min-max normalised queue + in-flight scores)
+# outvote a full prefix match; prefix 6 keeps locality until the load guard (load_gap) says the warm replica
+# is overloaded. LoRA: vLLM does not report idle resident adapters, so a "free slot" usually means loading
+# the adapter there: it ranks below "adapter queued" (free_slot 0.4 < waiting 0.6).
+DEFAULT_FILTERS = (PluginConfig(type="healthy"),)
+DEFAULT_SCORERS = (
+    PluginConfig(type="prefix-cache", weight=6, params={"load_gap": 4}),
+    PluginConfig(type="queue", weight=2),
+    PluginConfig(type="kv-cache", weight=2),
+    PluginConfig(type="lora-affinity", weight=4, params={"free_slot": 0.4, "waiting": 0.6}),
+    PluginConfig(type="inflight", weight=1),
+)
 
-    filters: tuple[PluginConfig, ...] = ()
-    scorers: tuple[PluginConfig, ...] = ()
+
+class SchedulingConfig(StrictModel):
+    """One profile: filters, then weighted scorers, then a picker (`epp plugins` lists the types). The
+    gateway's subset hint is applied before the filters, by the request director."""
+
+    filters: tuple[PluginConfig, ...] = DEFAULT_FILTERS
+    scorers: tuple[PluginConfig, ...] = DEFAULT_SCORERS
     picker: PluginConfig = PluginConfig(type="max-score")
-    prefix: PrefixConfig = PrefixConfig()
     saturation: SaturationConfig = SaturationConfig()
     scrape: ScrapeConfig = ScrapeConfig()
     seed: int | None = None  # random tie-breaks; None = nondeterministic
 
 
-class Config(_Strict):
+class Config(StrictModel):
     server: ServerConfig = ServerConfig()
     pool: PoolConfig = PoolConfig()
     models: tuple[ModelRule, ...] = ()
@@ -233,41 +265,39 @@ class Config(_Strict):
         return self
 
 
-DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
-
-
-def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """Deep-merge mappings; lists and scalars in `override` replace those in `base`."""
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
 
 
-def _format_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem: `key.path[index]: message` (pydantic's "Value error, " prefix dropped)."""
     lines = []
     for item in err.errors():
-        path = ""
+        path = prefix
         for part in item["loc"]:
             path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
         message = item["msg"].removeprefix("Value error, ")
         lines.append(f"{path or '(top level)'}: {message}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    return "\n  ".join(lines)
 
 
 def build_config(data: Mapping[str, Any]) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+        raise ConfigError("invalid configuration:\n  " + format_validation_error(err)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Embedded defaults ← YAML file (if any) ← overrides (nested dict from flags)."""
-    data: dict[str, Any] = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text()) or {}
+    """Defaults (this module) ← YAML file (if any) ← overrides (nested dict from flags)."""
+    data: dict[str, Any] = {}
     if path is not None:
         try:
             text = Path(path).read_text()
@@ -279,7 +309,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"config file {path}: top level must be a mapping")
-        data = _merge(data, loaded)
+        data = merge(data, loaded)
     if overrides:
-        data = _merge(data, overrides)
+        data = merge(data, overrides)
     return build_config(data)

@@ -1,9 +1,9 @@
 """The picker's process: explicit start-up, serve, and graceful shutdown.
 
-Start-up builds the datastore (pool, prefix index), the scheduler from the config, the pipeline, then
-opens three ports: ext_proc (gRPC, TLS unless disabled), health + admin API (gRPC, plaintext) and
-Prometheus metrics (HTTP). Readiness turns SERVING once the pool is synced. Shutdown marks readiness
-NOT_SERVING, stops accepting streams and gives in-flight streams `grace_period_s` to finish.
+Start-up builds the data layer (the endpoint pool), the scheduler and its plugins from the config and the
+request director, then opens three ports: ext_proc (gRPC, TLS unless disabled), health + admin API (gRPC,
+plaintext) and Prometheus metrics (HTTP). Readiness turns SERVING once the pool is synced. Shutdown marks
+readiness NOT_SERVING, stops accepting streams and gives in-flight streams `grace_period_s` to finish.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from epp.config import Config, ConfigError
-from epp.datastore.endpoints import Endpoint, EndpointPool
-from epp.datastore.prefix_index import PrefixIndex
+from epp.datalayer.discovery.static import static_endpoints
+from epp.datalayer.endpoints import EndpointPool
 from epp.extproc.servicer import ExtProcServicer
 from epp.observability.metrics import PoolCollector, RequestMetrics
-from epp.pipeline import Pipeline
+from epp.requestcontrol.director import Director
+from epp.scheduling.interfaces import EndpointDetails
 from epp.scheduling.registry import PluginContext, build_scheduler
 from epp.tls import load_key_and_cert
 
@@ -50,19 +51,16 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         # With Kubernetes discovery the pool starts empty and fills from the InferencePool.
-        static = config.pool.endpoints if config.pool.discovery == "static" else ()
-        self.pool = EndpointPool(Endpoint(e.address, e.engine) for e in static)
-        self.prefix_index = PrefixIndex(config.scheduling.prefix.capacity_blocks)
-        self.pool.on_removed(lambda endpoint: self.prefix_index.remove_endpoint(endpoint.address))
+        self.pool = EndpointPool(static_endpoints(config.pool))
         self.registry = CollectorRegistry()
         self.request_metrics = RequestMetrics(self.registry)
-        ctx = PluginContext(config, self.prefix_index, random.Random(config.scheduling.seed))
+        ctx = PluginContext(config, self.pool, random.Random(config.scheduling.seed))
         self.scheduler = build_scheduler(ctx, time_plugins=True)
-        self.pipeline = Pipeline(config, self.pool, self.scheduler, self.request_metrics)
+        self.director = Director(config, self.pool, self.scheduler, self.request_metrics)
         self.registry.register(
-            PoolCollector(self.pool, config.pool.name, self.pipeline.detector.staleness, self._extra_gauges)
+            PoolCollector(self.pool, config.pool.name, self.director.detector.staleness, self._plugin_gauges)
         )
-        self.servicer = ExtProcServicer(self.pipeline, config.limits)
+        self.servicer = ExtProcServicer(self.director, config.limits)
         self.health = HealthServicer()
         self.scraper: object | None = None
         self.discovery: Any = None
@@ -73,12 +71,11 @@ class Server:
         self._background: list[asyncio.Future[None]] = []
         self.ports: BoundPorts | None = None
 
-    def _extra_gauges(self) -> dict[str, float]:
-        stats = self.prefix_index.stats()
-        out = {"inference_extension_prefix_indexer_size": float(stats.get("total_entries", 0))}
-        queried = float(stats.get("queried_blocks", 0) or 0)
-        if queried:
-            out["inference_extension_prefix_indexer_hit_ratio"] = float(stats.get("hit_blocks", 0)) / queried
+    def _plugin_gauges(self) -> dict[str, float]:
+        """Pool-level gauges the plugins keep (e.g. the prefix index's size), computed at scrape time."""
+        out: dict[str, float] = {}
+        for plugin in self.scheduler.hooks(EndpointDetails):
+            out.update(plugin.gauges())
         return out
 
     async def start(self) -> BoundPorts:
@@ -126,13 +123,9 @@ class Server:
         return self.ports
 
     async def _start_scraper(self) -> None:
-        from epp.datastore.scraper import MetricsScraper
+        from epp.datalayer.scrape.scraper import MetricsScraper
 
-        scrape = self.config.scheduling.scrape
-        scraper = MetricsScraper(
-            self.pool, interval=scrape.interval_s, timeout=scrape.timeout_s, path=scrape.path,
-            max_scrapes_per_second=scrape.max_scrapes_per_second,
-        )  # fmt: skip
+        scraper = MetricsScraper(self.pool, self.config.scheduling.scrape)
         # Readiness waits for one scrape of every endpoint (success or failure), bounded by the timeout.
         await scraper.scrape_all()
         await scraper.start()
@@ -140,7 +133,7 @@ class Server:
 
     async def _start_discovery(self) -> None:
         """Follow the InferencePool; readiness turns SERVING after the first full sync of its pods."""
-        from epp.datastore.kubernetes import InferencePoolDiscovery
+        from epp.datalayer.discovery.kubernetes import InferencePoolDiscovery
 
         await self._set_ready(False)
         self.discovery = InferencePoolDiscovery(self.pool, self.config.pool.kubernetes)

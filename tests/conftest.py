@@ -35,8 +35,8 @@ async def stack() -> AsyncIterator[Callable[..., Any]]:
     """Factory: `await stack(addresses, shape="gateway", **config)` → (picker Server, Envoy) running
     in-process / as a real Envoy subprocess; both stopped after the test."""
     from epp.config import load_config
-    from epp.envoy_launcher import Envoy, EnvoyOptions
     from epp.server import Server
+    from epp_lab.envoy_launcher import Envoy, EnvoyOptions
 
     running: list[Any] = []
 

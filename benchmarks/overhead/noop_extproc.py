@@ -149,7 +149,9 @@ async def serve(host: str, port: int, destination: str, ready_file: str | None) 
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     if ready_file:
-        Path(ready_file).write_text(json.dumps({"extproc": bound}))
+        tmp = Path(f"{ready_file}.tmp")
+        tmp.write_text(json.dumps({"extproc": bound}))
+        tmp.replace(ready_file)  # readers never see a half-written file
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

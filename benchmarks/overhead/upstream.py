@@ -18,7 +18,7 @@ import json
 import urllib.request
 from typing import Any
 
-from epp.envoy_launcher import Envoy, EnvoyOptions, LaunchError, free_port
+from epp_lab.envoy_launcher import Envoy, EnvoyOptions, LaunchError, free_port
 
 MODEL = "m"
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
@@ -132,8 +132,7 @@ class InstantUpstream:
 
     @property
     def pid(self) -> int | None:
-        process = self.envoy.process if self.envoy else None
-        return process.pid if process else None
+        return self.envoy.pid if self.envoy else None
 
     async def start(self, timeout: float = 30.0) -> None:
         ports: set[int] = set()

@@ -12,17 +12,14 @@ the pids of the arm's processes (for CPU accounting); everything it starts is st
 
 from __future__ import annotations
 
-import asyncio
-import time
-import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.routing import peers
-from epp.envoy_launcher import Envoy, EnvoyOptions, free_port
-from epp.procs import child, picker_args
+from epp_lab import procs
+from epp_lab.envoy_launcher import Envoy, EnvoyOptions, free_port
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 ENVOY_ARMS = {"round-robin": "ROUND_ROBIN", "least-request": "LEAST_REQUEST"}
@@ -73,8 +70,8 @@ async def start(
     if arm in ENVOY_ARMS:
         options = EnvoyOptions(shape="direct", pool=workers, lb_policy=ENVOY_ARMS[arm])
         async with Envoy(options) as envoy:
-            assert envoy.process is not None
-            yield Running(envoy.url, {"envoy": envoy.process.pid})
+            assert envoy.pid is not None
+            yield Running(envoy.url, {"envoy": envoy.pid})
     elif arm in PEER_ARMS:
         status = statuses.get(arm)
         if status is None or status.binary is None:
@@ -82,58 +79,33 @@ async def start(
         async with _peer(arm, status.binary, workers) as running:
             yield running
     elif arm.startswith("epp"):
-        args = picker_args(workers, config=str(epp_config(arm)), extra=["--seed", str(seed)])
-        async with child("picker", args) as picker:
-            options = EnvoyOptions(shape="gateway", epp_port=picker["extproc"], pool=workers)
+        async with procs.picker(workers, config=epp_config(arm), extra=["--seed", str(seed)]) as picker:
+            options = EnvoyOptions(shape="gateway", epp_port=picker.info["extproc"], pool=workers)
             async with Envoy(options) as envoy:
-                assert envoy.process is not None
-                yield Running(envoy.url, {"picker": picker["pid"], "envoy": envoy.process.pid})
+                assert picker.pid is not None and envoy.pid is not None
+                yield Running(envoy.url, {"picker": picker.pid, "envoy": envoy.pid})
     else:
         raise ArmError(f"unknown arm {arm!r}")
 
 
 @asynccontextmanager
 async def _peer(arm: str, binary: str, workers: list[str], timeout: float = 60.0) -> AsyncIterator[Running]:
+    """A peer router as a child process, ready once its /health answers 200."""
     port, metrics_port = free_port(), free_port()
-    log = Path(f"/tmp/routing-{arm}-{port}.log")
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            *peers.command(arm, binary, workers, port, metrics_port),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )
     url = f"http://127.0.0.1:{port}"
+    peer = procs.Child(
+        arm,
+        peers.command(arm, binary, workers, port, metrics_port),
+        ready_url=url + "/health",
+        timeout=timeout,
+        stop_timeout=10.0,
+    )
     try:
-        deadline = time.monotonic() + timeout
-        loop = asyncio.get_running_loop()
-        while True:
-            if process.returncode is not None:
-                tail = log.read_text(errors="replace")[-1500:]
-                raise ArmError(f"{arm} exited with code {process.returncode}: {tail}")
-            try:
-                if await loop.run_in_executor(None, _status, url + "/health") == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise ArmError(f"{arm} did not answer {url}/health within {timeout:.0f}s")
-            try:
-                await asyncio.wait_for(process.wait(), 0.2)
-            except TimeoutError:
-                pass
-        yield Running(url, {arm: process.pid})
+        await peer.start()
+    except procs.ProcessError as err:
+        raise ArmError(str(err)) from None
+    try:
+        assert peer.pid is not None
+        yield Running(url, {arm: peer.pid})
     finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        log.unlink(missing_ok=True)
-
-
-def _status(url: str) -> int:
-    with urllib.request.urlopen(url, timeout=1) as response:
-        return int(response.status)
+        await peer.stop()

@@ -1,7 +1,7 @@
 """Round-robin's saturation point per workload, found on a virtual clock in a second or two.
 
-The simulated fleet's engines (`epp.sim.engine.Engine`, the very code `epp sim` runs) are stepped here on a
-float clock, with requests dealt round-robin as Envoy's ROUND_ROBIN deals them (strict rotation), so the
+The simulated fleet's engines (`epp_lab.sim.engine.Engine`, the very code `epp sim` runs) are stepped here
+on a float clock, with requests dealt round-robin as Envoy's ROUND_ROBIN deals them (strict rotation), so the
 QPS ladder of the real benchmark can be placed before any process starts. The real runs then confirm it:
 round-robin's measured completion rate at the 125 % point should sit near the capacity found here.
 
@@ -20,10 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from epp.loadgen.workloads import Request
-from epp.sim.engine import Batch, Engine, SimRequest, block_hashes, prompt_token_count
-from epp.sim.profiles import get_profile
-from epp.sim.server import chat_prompt
+from epp_lab.loadgen.workloads import Request
+from epp_lab.sim.config import DEFAULT_MODEL, EngineConfig
+from epp_lab.sim.engine import Batch, Engine, SimRequest, block_hashes, prompt_token_count
+from epp_lab.sim.openai import DEFAULT_MAX_TOKENS, chat_prompt
+from epp_lab.sim.profiles import DEFAULT_PROFILE, get_profile
 
 Router = Callable[[int, SimRequest, list[Engine]], int]
 KEEP_UP = 0.9
@@ -56,7 +57,7 @@ def to_sim_request(i: int, request: Request, base_model: str) -> SimRequest:
         model=model,
         lora=None if model == base_model else model,
         prompt_tokens=prompt_token_count(text),
-        max_tokens=int(body.get("max_tokens") or 16),
+        max_tokens=int(body.get("max_tokens") or DEFAULT_MAX_TOKENS),
         block_hashes=block_hashes(text, model),
     )
 
@@ -69,17 +70,14 @@ def simulate(
 ) -> VirtualResult:
     """Run `requests` (at `arrivals`, default their own offsets) through a virtual fleet shaped by `fleet`
     (the keys of `FLEETS` in workloads.py: replicas, profile, num_gpu_blocks, max_num_seqs, max_lora)."""
-    profile = get_profile(fleet.get("profile", "h100-llama3-8b"))
-    engines = [
-        Engine(
-            profile,
-            num_gpu_blocks=fleet.get("num_gpu_blocks"),
-            max_num_seqs=fleet.get("max_num_seqs"),
-            max_lora=fleet.get("max_lora", 4),
-        )
-        for _ in range(fleet.get("replicas", 4))
-    ]
-    base_model = fleet.get("model", "meta-llama/Llama-3.1-8B-Instruct")
+    config = EngineConfig(
+        profile=get_profile(fleet.get("profile", DEFAULT_PROFILE)),
+        num_gpu_blocks=fleet.get("num_gpu_blocks"),
+        max_num_seqs=fleet.get("max_num_seqs"),
+        max_lora=fleet.get("max_lora", 4),
+    )
+    engines = [Engine(config) for _ in range(fleet.get("replicas", 4))]
+    base_model = fleet.get("model", DEFAULT_MODEL)
     sims = [to_sim_request(i, r, base_model) for i, r in enumerate(requests)]
     times = list(arrivals) if arrivals is not None else [r.at for r in requests]
     batches: list[Batch | None] = [None] * len(engines)

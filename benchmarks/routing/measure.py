@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,37 +18,27 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks.common import (
+    REPO,
+    VENV_BIN,
+    children_cpu_seconds,
+    machine_busy_seconds,
+    process_cpu_seconds,
+)
 from benchmarks.routing import arms
 from benchmarks.routing.peers import PeerStatus
 from benchmarks.routing.workloads import REPLICAS, TIME_SCALE, Workload, write_requests
-from epp.loadgen import client
-from epp.procs import child, sim_args
+from epp_lab import procs
+from epp_lab.loadgen import client
 
-REPO = Path(__file__).resolve().parents[2]
 K6_SCRIPT = REPO / "benchmarks" / "k6" / "routing.js"
-K6 = Path(sys.executable).parent / "k6"
-_TICK = os.sysconf("SC_CLK_TCK")
+K6 = VENV_BIN / "k6"
 
 
 def process_cpu_s(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def machine_busy_s() -> float:
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return (sum(values[:8]) - idle) / _TICK
-
-
-def _children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    """CPU seconds of a process; NaN once it is gone (so a sum over processes can skip it)."""
+    cpu = process_cpu_seconds(pid)
+    return float("nan") if cpu is None else cpu
 
 
 async def fleet_totals(address: str, time_scale: float) -> dict[str, Any]:
@@ -78,7 +65,7 @@ async def run_k6(url: str, requests_file: Path, tags: dict[str, str], workdir: P
         **{k.upper(): v for k, v in tags.items()},
     }.items():
         env_args += ["-e", f"{key}={value}"]
-    before = _children_cpu_s()
+    before = children_cpu_seconds()
     process = await asyncio.create_subprocess_exec(
         str(K6),
         "run",
@@ -93,7 +80,7 @@ async def run_k6(url: str, requests_file: Path, tags: dict[str, str], workdir: P
         cwd=str(workdir),
     )
     _, err = await process.communicate()
-    k6_cpu = _children_cpu_s() - before
+    k6_cpu = children_cpu_seconds() - before
     if not summary_file.exists():
         raise RuntimeError(f"k6 wrote no summary (exit {process.returncode}): {err.decode()[-1500:]}")
     # k6 exits 99 when a threshold fails: the run is still a result (thresholds are reported with it).
@@ -110,19 +97,20 @@ async def run_once(
     time_scale: float = TIME_SCALE,
 ) -> dict[str, Any]:
     """One arm x workload x QPS x seed on a fresh fleet. With `python_client`, the replay is done by
-    `epp.loadgen.client` instead of k6 (the TTFT cross-check)."""
+    `epp_lab.loadgen.client` instead of k6 (the TTFT cross-check)."""
     requests = workload.requests(qps, seed)
     scorers = arms.epp_scorers(arm) if arm.startswith("epp") else None  # what the picker will load
     with tempfile.TemporaryDirectory(prefix="routing-") as tmp:
         workdir = Path(tmp)
         requests_file = workdir / "requests.json"
         write_requests(requests_file, requests)
-        async with child("sim", sim_args(REPLICAS, **workload.sim_options(seed, time_scale))) as fleet:
-            workers = fleet["addresses"]
+        async with procs.sim(REPLICAS, **workload.sim_options(seed, time_scale)) as fleet:
+            workers = fleet.info["addresses"]
             async with arms.start(arm, workers, seed, statuses) as running:
-                pids = {"sim": fleet["pid"], **running.pids}
+                assert fleet.pid is not None
+                pids = {"sim": fleet.pid, **running.pids}
                 cpu0 = {name: process_cpu_s(pid) for name, pid in pids.items()}
-                busy0, t0 = machine_busy_s(), time.perf_counter()
+                busy0, t0 = machine_busy_seconds()[0], time.perf_counter()
                 if python_client:
                     results, wall = await client.run(running.url, requests)
                     summary, k6_cpu = _python_summary(results, wall), 0.0
@@ -130,7 +118,7 @@ async def run_once(
                     tags = {"arm": arm, "workload": workload.name, "qps": f"{qps:g}"}
                     summary, k6_cpu = await run_k6(running.url, requests_file, tags, workdir)
                 wall = time.perf_counter() - t0
-                busy = machine_busy_s() - busy0
+                busy = machine_busy_seconds()[0] - busy0
                 cpu = {name: process_cpu_s(pid) - cpu0[name] for name, pid in pids.items()}
                 totals = await fleet_totals(workers[0], time_scale)
     cpu["k6" if not python_client else "python-client"] = k6_cpu

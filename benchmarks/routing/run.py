@@ -17,7 +17,7 @@ Method:
    tokens; the fleet's /sim/stats gives the prefix-cache hit rate and LoRA loads; CPU time of every process
    and of the machine is recorded (measure.py).
 3. Cross-check: two runs (round-robin and epp, shared-prefix, 75 %) are repeated with the Python client
-   (epp.loadgen.client, TTFT at the first SSE token) and compared with k6's time to first byte.
+   (epp_lab.loadgen.client, TTFT at the first SSE token) and compared with k6's time to first byte.
 4. Results: benchmarks/results/routing.json (header + rows, medians over repeats), routing.runs.json (every
    run), routing.md (tables, ratios vs round-robin, targets), routing.<workload>.png (plots).
 """
@@ -40,8 +40,10 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.common import REPO, git, machine_memory_bytes
 from benchmarks.routing import arms, calibrate, peers, report
-from benchmarks.routing.measure import K6, REPO, run_once
+from benchmarks.routing.crosscheck import crosscheck
+from benchmarks.routing.measure import K6, run_once
 from benchmarks.routing.workloads import (
     PROFILE,
     REPLICAS,
@@ -49,7 +51,7 @@ from benchmarks.routing.workloads import (
     TIME_SCALE,
     WORKLOADS,
 )
-from epp.envoy_launcher import find_envoy
+from epp_lab.envoy_launcher import find_envoy
 
 RESULTS = REPO / "benchmarks" / "results"
 LOADS = {  # fractions of round-robin's saturation QPS
@@ -68,8 +70,6 @@ def _version(cmd: list[str]) -> str:
 
 
 def header(args: argparse.Namespace, statuses: dict[str, peers.PeerStatus]) -> dict[str, Any]:
-    with open("/proc/meminfo") as f:
-        mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
     from importlib.metadata import version
 
     return {
@@ -79,7 +79,7 @@ def header(args: argparse.Namespace, statuses: dict[str, peers.PeerStatus]) -> d
         "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {
             "nproc": os.cpu_count(),
-            "memory_gib": round(mem_kib / 2**20, 1),
+            "memory_gib": round((machine_memory_bytes() or 0) / 2**30, 1),
             "platform": platform.platform(),
             "python": platform.python_version(),
         },
@@ -111,18 +111,16 @@ def header(args: argparse.Namespace, statuses: dict[str, peers.PeerStatus]) -> d
         "seed": args.seed,
         "repeats": args.repeats,
         "git": _git_state(),
-        # The scorers each epp arm ran with (configs/<arm>.yaml merged over epp/default_config.yaml, read at
-        # start; every run also records what its picker loaded, in routing.runs.json).
+        # The scorers each epp arm ran with (configs/<arm>.yaml merged over the defaults of epp/config.py,
+        # read at start; every run also records what its picker loaded, in routing.runs.json).
         "epp_configs": {a: arms.epp_scorers(a) for a in args.arms if a.startswith("epp")},
     }
 
 
 def _git_state() -> dict[str, Any]:
-    def git(*cmd: str) -> str:
-        out = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=False)
-        return out.stdout
-
-    dirty = [line[3:] for line in git("status", "--porcelain", "--", "epp", "envoy").splitlines() if line]
+    # The simulator (lab/) shapes the results as much as the picker and Envoy configs do.
+    status = git("status", "--porcelain", "--", "epp", "envoy", "lab")
+    dirty = [line[3:] for line in status.splitlines() if line]
     return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted_in_epp_or_envoy": dirty}
 
 
@@ -204,7 +202,7 @@ async def main_async(args: argparse.Namespace) -> int:
         )
         key = (arm, name, frac, 0)
         k6_run = next((r for r in runs if (r["arm"], r["workload"], r["load"], r["repeat"]) == key), None)
-        crosschecks.append(report.crosscheck(k6_run, py))
+        crosschecks.append(crosscheck(k6_run, py))
     head.update(
         {
             "calibration": calibration,

@@ -1,6 +1,6 @@
 """The four workloads of the routing benchmark and the simulated fleet each runs on.
 
-Request sequences come from `epp.loadgen.workloads` (deterministic given the seed; Poisson arrivals at the
+Request sequences come from `epp_lab.loadgen.workloads` (deterministic given the seed; Poisson arrivals at the
 requested QPS); this module only fixes their shapes and sizes the fleet so that routing matters:
 
 * shared-prefix: 16 groups x 8 users, 3,000-token system prefixes, 150-token questions, 128 output tokens.
@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from epp.loadgen import workloads as generators
-from epp.loadgen.workloads import Request
+from epp_lab.loadgen import workloads as generators
+from epp_lab.loadgen.workloads import Request
+from epp_lab.sim.config import DEFAULT_MODEL
+from epp_lab.sim.profiles import DEFAULT_PROFILE
 
-MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-PROFILE = "h100-llama3-8b"
+PROFILE = DEFAULT_PROFILE
 REPLICAS = 4
 TIME_SCALE = 0.25
 """Real seconds per simulated second (0.25: the simulated fleet runs 4x faster than the profile's GPU).
@@ -48,7 +49,7 @@ LORA_ADAPTERS = generators.lora_adapters(15)
 @dataclass(frozen=True, slots=True)
 class Workload:
     name: str
-    generator: str  # key of epp.loadgen.workloads.WORKLOADS
+    generator: str  # key of epp_lab.loadgen.workloads.WORKLOADS
     params: dict[str, Any]
     fleet: dict[str, Any]  # `epp sim` options (and the virtual calibration's fleet)
     count: int  # requests per run
@@ -60,7 +61,7 @@ class Workload:
         return make(qps=qps, count=self.count, seed=seed, **self.params)  # type: ignore[operator]
 
     def sim_options(self, seed: int, time_scale: float = TIME_SCALE) -> dict[str, Any]:
-        """Keyword options for `epp.procs.sim_args` (the fleet of one run)."""
+        """Keyword options for `epp_lab.procs.sim` (the fleet of one run)."""
         options: dict[str, Any] = {
             "profile": PROFILE,
             "time_scale": time_scale,
@@ -87,7 +88,7 @@ WORKLOADS: dict[str, Workload] = {
                 "system_tokens": 3000,
                 "question_tokens": 150,
                 "output_tokens": 128,
-                "model": MODEL,
+                "model": DEFAULT_MODEL,
             },
             fleet={"replicas": REPLICAS, "profile": PROFILE, "num_gpu_blocks": 1200},
             count=400,
@@ -101,7 +102,7 @@ WORKLOADS: dict[str, Workload] = {
                 "answer_tokens": 150,
                 "output_tokens": 128,
                 "system_tokens": 500,
-                "model": MODEL,
+                "model": DEFAULT_MODEL,
             },
             fleet={"replicas": REPLICAS, "profile": PROFILE, "num_gpu_blocks": 2000},
             count=200,
@@ -116,7 +117,7 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             name="no-sharing",
             generator="no-sharing",
-            params={"prompt_tokens": 2000, "output_tokens": 128, "model": MODEL},
+            params={"prompt_tokens": 2000, "output_tokens": 128, "model": DEFAULT_MODEL},
             fleet={"replicas": REPLICAS, "profile": PROFILE, "num_gpu_blocks": 1200},
             count=200,
         ),

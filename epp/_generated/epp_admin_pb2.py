@@ -24,37 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65pp/_generated/epp_admin.proto\x12\x0c\x65pp.admin.v1\"\x16\n\x14ListEndpointsRequest\"\xb2\x02\n\x0c\x45ndpointInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x11\n\treachable\x18\x03 \x01(\x08\x12\x15\n\rmetrics_age_s\x18\x04 \x01(\x01\x12\x0f\n\x07waiting\x18\x05 \x01(\x01\x12\x0f\n\x07running\x18\x06 \x01(\x01\x12\x10\n\x08kv_usage\x18\x07 \x01(\x01\x12\x15\n\rrunning_loras\x18\x08 \x03(\t\x12\x15\n\rwaiting_loras\x18\t \x03(\t\x12\x10\n\x08max_lora\x18\n \x01(\x05\x12\x19\n\x11inflight_requests\x18\x0b \x01(\x03\x12\x17\n\x0finflight_tokens\x18\x0c \x01(\x03\x12\x1b\n\x13prefix_index_blocks\x18\r \x01(\x03\x12\x12\n\nsaturation\x18\x0e \x01(\x01\"m\n\x15ListEndpointsResponse\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12-\n\tendpoints\x18\x02 \x03(\x0b\x32\x1a.epp.admin.v1.EndpointInfo\x12\x17\n\x0fpool_saturation\x18\x03 \x01(\x01\"\xbc\x01\n\x0e\x45xplainRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12:\n\x07headers\x18\x02 \x03(\x0b\x32).epp.admin.v1.ExplainRequest.HeadersEntry\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0e\n\x06subset\x18\x04 \x03(\t\x12\x12\n\nhas_subset\x18\x05 \x01(\x08\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x01\n\x0e\x43\x61ndidateScore\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\ndropped_by\x18\x02 \x01(\t\x12\x38\n\x06scores\x18\x03 \x03(\x0b\x32(.epp.admin.v1.CandidateScore.ScoresEntry\x12\r\n\x05total\x18\x04 \x01(\x01\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xfe\x02\n\x0f\x45xplainResponse\x12\x0e\n\x06status\x18\x01 \x01(\x05\x12\x12\n\nerror_code\x18\x02 \x01(\t\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x14\n\x0ctarget_model\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x05\x12\x15\n\rprompt_blocks\x18\t \x01(\x05\x12\x17\n\x0fpool_saturation\x18\n \x01(\x01\x12;\n\x07weights\x18\x0b \x03(\x0b\x32*.epp.admin.v1.ExplainResponse.WeightsEntry\x12\x30\n\ncandidates\x18\x0c \x03(\x0b\x32\x1c.epp.admin.v1.CandidateScore\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xa9\x01\n\x05\x41\x64min\x12X\n\rListEndpoints\x12\".epp.admin.v1.ListEndpointsRequest\x1a#.epp.admin.v1.ListEndpointsResponse\x12\x46\n\x07\x45xplain\x12\x1c.epp.admin.v1.ExplainRequest\x1a\x1d.epp.admin.v1.ExplainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x65pp/_generated/epp_admin.proto\x12\x0c\x65pp.admin.v1\"\x16\n\x14ListEndpointsRequest\"\x85\x03\n\x0c\x45ndpointInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x11\n\treachable\x18\x03 \x01(\x08\x12\x15\n\rmetrics_age_s\x18\x04 \x01(\x01\x12\x0f\n\x07waiting\x18\x05 \x01(\x01\x12\x0f\n\x07running\x18\x06 \x01(\x01\x12\x10\n\x08kv_usage\x18\x07 \x01(\x01\x12\x15\n\rrunning_loras\x18\x08 \x03(\t\x12\x15\n\rwaiting_loras\x18\t \x03(\t\x12\x10\n\x08max_lora\x18\n \x01(\x05\x12\x19\n\x11inflight_requests\x18\x0b \x01(\x03\x12\x17\n\x0finflight_tokens\x18\x0c \x01(\x03\x12\x12\n\nsaturation\x18\x0e \x01(\x01\x12\x38\n\x07\x64\x65tails\x18\x0f \x03(\x0b\x32\'.epp.admin.v1.EndpointInfo.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\r\x10\x0e\"m\n\x15ListEndpointsResponse\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12-\n\tendpoints\x18\x02 \x03(\x0b\x32\x1a.epp.admin.v1.EndpointInfo\x12\x17\n\x0fpool_saturation\x18\x03 \x01(\x01\"\xbc\x01\n\x0e\x45xplainRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12:\n\x07headers\x18\x02 \x03(\x0b\x32).epp.admin.v1.ExplainRequest.HeadersEntry\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x0e\n\x06subset\x18\x04 \x03(\t\x12\x12\n\nhas_subset\x18\x05 \x01(\x08\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa7\x02\n\x0e\x43\x61ndidateScore\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\ndropped_by\x18\x02 \x01(\t\x12\x38\n\x06scores\x18\x03 \x03(\x0b\x32(.epp.admin.v1.CandidateScore.ScoresEntry\x12\r\n\x05total\x18\x04 \x01(\x01\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12:\n\x07\x64\x65tails\x18\x06 \x03(\x0b\x32).epp.admin.v1.CandidateScore.DetailsEntry\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xda\x03\n\x0f\x45xplainResponse\x12\x0e\n\x06status\x18\x01 \x01(\x05\x12\x12\n\nerror_code\x18\x02 \x01(\t\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x14\n\x0ctarget_model\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x05\x12\x17\n\x0fpool_saturation\x18\n \x01(\x01\x12;\n\x07weights\x18\x0b \x03(\x0b\x32*.epp.admin.v1.ExplainResponse.WeightsEntry\x12\x30\n\ncandidates\x18\x0c \x03(\x0b\x32\x1c.epp.admin.v1.CandidateScore\x12;\n\x07\x64\x65tails\x18\r \x03(\x0b\x32*.epp.admin.v1.ExplainResponse.DetailsEntry\x1a.\n\x0cWeightsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\t\x10\n2\xa9\x01\n\x05\x41\x64min\x12X\n\rListEndpoints\x12\".epp.admin.v1.ListEndpointsRequest\x1a#.epp.admin.v1.ListEndpointsResponse\x12\x46\n\x07\x45xplain\x12\x1c.epp.admin.v1.ExplainRequest\x1a\x1d.epp.admin.v1.ExplainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'epp._generated.epp_admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ENDPOINTINFO_DETAILSENTRY']._loaded_options = None
+  _globals['_ENDPOINTINFO_DETAILSENTRY']._serialized_options = b'8\001'
   _globals['_EXPLAINREQUEST_HEADERSENTRY']._loaded_options = None
   _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_CANDIDATESCORE_SCORESENTRY']._loaded_options = None
   _globals['_CANDIDATESCORE_SCORESENTRY']._serialized_options = b'8\001'
+  _globals['_CANDIDATESCORE_DETAILSENTRY']._loaded_options = None
+  _globals['_CANDIDATESCORE_DETAILSENTRY']._serialized_options = b'8\001'
   _globals['_EXPLAINRESPONSE_WEIGHTSENTRY']._loaded_options = None
   _globals['_EXPLAINRESPONSE_WEIGHTSENTRY']._serialized_options = b'8\001'
+  _globals['_EXPLAINRESPONSE_DETAILSENTRY']._loaded_options = None
+  _globals['_EXPLAINRESPONSE_DETAILSENTRY']._serialized_options = b'8\001'
   _globals['_LISTENDPOINTSREQUEST']._serialized_start=48
   _globals['_LISTENDPOINTSREQUEST']._serialized_end=70
   _globals['_ENDPOINTINFO']._serialized_start=73
-  _globals['_ENDPOINTINFO']._serialized_end=379
-  _globals['_LISTENDPOINTSRESPONSE']._serialized_start=381
-  _globals['_LISTENDPOINTSRESPONSE']._serialized_end=490
-  _globals['_EXPLAINREQUEST']._serialized_start=493
-  _globals['_EXPLAINREQUEST']._serialized_end=681
-  _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_start=635
-  _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_end=681
-  _globals['_CANDIDATESCORE']._serialized_start=684
-  _globals['_CANDIDATESCORE']._serialized_end=871
-  _globals['_CANDIDATESCORE_SCORESENTRY']._serialized_start=826
-  _globals['_CANDIDATESCORE_SCORESENTRY']._serialized_end=871
-  _globals['_EXPLAINRESPONSE']._serialized_start=874
-  _globals['_EXPLAINRESPONSE']._serialized_end=1256
-  _globals['_EXPLAINRESPONSE_WEIGHTSENTRY']._serialized_start=1210
-  _globals['_EXPLAINRESPONSE_WEIGHTSENTRY']._serialized_end=1256
-  _globals['_ADMIN']._serialized_start=1259
-  _globals['_ADMIN']._serialized_end=1428
+  _globals['_ENDPOINTINFO']._serialized_end=462
+  _globals['_ENDPOINTINFO_DETAILSENTRY']._serialized_start=410
+  _globals['_ENDPOINTINFO_DETAILSENTRY']._serialized_end=456
+  _globals['_LISTENDPOINTSRESPONSE']._serialized_start=464
+  _globals['_LISTENDPOINTSRESPONSE']._serialized_end=573
+  _globals['_EXPLAINREQUEST']._serialized_start=576
+  _globals['_EXPLAINREQUEST']._serialized_end=764
+  _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_start=718
+  _globals['_EXPLAINREQUEST_HEADERSENTRY']._serialized_end=764
+  _globals['_CANDIDATESCORE']._serialized_start=767
+  _globals['_CANDIDATESCORE']._serialized_end=1062
+  _globals['_CANDIDATESCORE_SCORESENTRY']._serialized_start=969
+  _globals['_CANDIDATESCORE_SCORESENTRY']._serialized_end=1014
+  _globals['_CANDIDATESCORE_DETAILSENTRY']._serialized_start=410
+  _globals['_CANDIDATESCORE_DETAILSENTRY']._serialized_end=456
+  _globals['_EXPLAINRESPONSE']._serialized_start=1065
+  _globals['_EXPLAINRESPONSE']._serialized_end=1539
+  _globals['_EXPLAINRESPONSE_WEIGHTSENTRY']._serialized_start=1439
+  _globals['_EXPLAINRESPONSE_WEIGHTSENTRY']._serialized_end=1485
+  _globals['_EXPLAINRESPONSE_DETAILSENTRY']._serialized_start=410
+  _globals['_EXPLAINRESPONSE_DETAILSENTRY']._serialized_end=456
+  _globals['_ADMIN']._serialized_start=1542
+  _globals['_ADMIN']._serialized_end=1711
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,14 @@ class ListEndpointsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EndpointInfo(_message.Message):
-    __slots__ = ("address", "engine", "reachable", "metrics_age_s", "waiting", "running", "kv_usage", "running_loras", "waiting_loras", "max_lora", "inflight_requests", "inflight_tokens", "prefix_index_blocks", "saturation")
+    __slots__ = ("address", "engine", "reachable", "metrics_age_s", "waiting", "running", "kv_usage", "running_loras", "waiting_loras", "max_lora", "inflight_requests", "inflight_tokens", "saturation", "details")
+    class DetailsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
@@ -24,8 +31,8 @@ class EndpointInfo(_message.Message):
     MAX_LORA_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    PREFIX_INDEX_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SATURATION_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
     address: str
     engine: str
     reachable: bool
@@ -38,9 +45,9 @@ class EndpointInfo(_message.Message):
     max_lora: int
     inflight_requests: int
     inflight_tokens: int
-    prefix_index_blocks: int
     saturation: float
-    def __init__(self, address: _Optional[str] = ..., engine: _Optional[str] = ..., reachable: _Optional[bool] = ..., metrics_age_s: _Optional[float] = ..., waiting: _Optional[float] = ..., running: _Optional[float] = ..., kv_usage: _Optional[float] = ..., running_loras: _Optional[_Iterable[str]] = ..., waiting_loras: _Optional[_Iterable[str]] = ..., max_lora: _Optional[int] = ..., inflight_requests: _Optional[int] = ..., inflight_tokens: _Optional[int] = ..., prefix_index_blocks: _Optional[int] = ..., saturation: _Optional[float] = ...) -> None: ...
+    details: _containers.ScalarMap[str, float]
+    def __init__(self, address: _Optional[str] = ..., engine: _Optional[str] = ..., reachable: _Optional[bool] = ..., metrics_age_s: _Optional[float] = ..., waiting: _Optional[float] = ..., running: _Optional[float] = ..., kv_usage: _Optional[float] = ..., running_loras: _Optional[_Iterable[str]] = ..., waiting_loras: _Optional[_Iterable[str]] = ..., max_lora: _Optional[int] = ..., inflight_requests: _Optional[int] = ..., inflight_tokens: _Optional[int] = ..., saturation: _Optional[float] = ..., details: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ListEndpointsResponse(_message.Message):
     __slots__ = ("pool", "endpoints", "pool_saturation")
@@ -74,8 +81,15 @@ class ExplainRequest(_message.Message):
     def __init__(self, path: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., body: _Optional[bytes] = ..., subset: _Optional[_Iterable[str]] = ..., has_subset: _Optional[bool] = ...) -> None: ...
 
 class CandidateScore(_message.Message):
-    __slots__ = ("address", "dropped_by", "scores", "total", "rank")
+    __slots__ = ("address", "dropped_by", "scores", "total", "rank", "details")
     class ScoresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class DetailsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -87,16 +101,25 @@ class CandidateScore(_message.Message):
     SCORES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
     address: str
     dropped_by: str
     scores: _containers.ScalarMap[str, float]
     total: float
     rank: int
-    def __init__(self, address: _Optional[str] = ..., dropped_by: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., total: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
+    details: _containers.ScalarMap[str, float]
+    def __init__(self, address: _Optional[str] = ..., dropped_by: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., total: _Optional[float] = ..., rank: _Optional[int] = ..., details: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("status", "error_code", "error_message", "destination", "model", "target_model", "priority", "prompt_tokens", "prompt_blocks", "pool_saturation", "weights", "candidates")
+    __slots__ = ("status", "error_code", "error_message", "destination", "model", "target_model", "priority", "prompt_tokens", "pool_saturation", "weights", "candidates", "details")
     class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class DetailsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -111,10 +134,10 @@ class ExplainResponse(_message.Message):
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     POOL_SATURATION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
     status: int
     error_code: str
     error_message: str
@@ -123,8 +146,8 @@ class ExplainResponse(_message.Message):
     target_model: str
     priority: int
     prompt_tokens: int
-    prompt_blocks: int
     pool_saturation: float
     weights: _containers.ScalarMap[str, float]
     candidates: _containers.RepeatedCompositeFieldContainer[CandidateScore]
-    def __init__(self, status: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., destination: _Optional[str] = ..., model: _Optional[str] = ..., target_model: _Optional[str] = ..., priority: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., prompt_blocks: _Optional[int] = ..., pool_saturation: _Optional[float] = ..., weights: _Optional[_Mapping[str, float]] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ...) -> None: ...
+    details: _containers.ScalarMap[str, float]
+    def __init__(self, status: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., destination: _Optional[str] = ..., model: _Optional[str] = ..., target_model: _Optional[str] = ..., priority: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., pool_saturation: _Optional[float] = ..., weights: _Optional[_Mapping[str, float]] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., details: _Optional[_Mapping[str, float]] = ...) -> None: ...

@@ -20,7 +20,7 @@ def _stub(address: str) -> pb_grpc.AdminStub:
 def format_endpoints(response: pb.ListEndpointsResponse) -> str:
     head = (
         f"{'endpoint':<22} {'engine':<8} {'up':<3} {'age':>7} {'waiting':>7} {'running':>7} {'kv':>5} "
-        f"{'inflight':>8} {'tokens':>7} {'prefix blk':>10} {'sat':>5}  loras (running / waiting)"
+        f"{'inflight':>8} {'tokens':>7} {'sat':>5}  loras (running / waiting)  plugin details"
     )
     lines = [f"pool {response.pool}: saturation {response.pool_saturation:.2f}", head, "-" * len(head)]
     for e in response.endpoints:
@@ -28,10 +28,11 @@ def format_endpoints(response: pb.ListEndpointsResponse) -> str:
         loras = ",".join(e.running_loras) or "-"
         if e.waiting_loras:
             loras += " / " + ",".join(e.waiting_loras)
+        details = " ".join(f"{k}={v:g}" for k, v in sorted(e.details.items()))
         lines.append(
             f"{e.address:<22} {e.engine:<8} {'yes' if e.reachable else 'NO':<3} {age:>7} {e.waiting:>7g} "
             f"{e.running:>7g} {e.kv_usage:>5.2f} {e.inflight_requests:>8} {e.inflight_tokens:>7} "
-            f"{e.prefix_index_blocks:>10} {e.saturation:>5.2f}  {loras}"
+            f"{e.saturation:>5.2f}  {loras:<24}  {details}"
         )
     return "\n".join(lines)
 
@@ -44,9 +45,10 @@ def format_explain(response: pb.ExplainResponse) -> str:
         lines.append(f"=> {response.destination}")
     lines.append(
         f"model {response.model!r} -> {response.target_model!r}, priority {response.priority}, "
-        f"~{response.prompt_tokens} prompt tokens ({response.prompt_blocks} prefix blocks), "
-        f"pool saturation {response.pool_saturation:.2f}"
+        f"~{response.prompt_tokens} prompt tokens, pool saturation {response.pool_saturation:.2f}"
     )
+    if response.details:
+        lines.append("request: " + " ".join(f"{k}={v:g}" for k, v in sorted(response.details.items())))
     scorers = sorted(response.weights)
     head = f"{'rank':>4} {'endpoint':<22} " + " ".join(
         f"{s}(x{response.weights[s]:g})"[:18].rjust(18) for s in scorers
@@ -56,6 +58,8 @@ def format_explain(response: pb.ExplainResponse) -> str:
     for c in response.candidates:
         scores = " ".join(f"{c.scores[s]:>18.3f}" if s in c.scores else f"{'':>18}" for s in scorers)
         note = f"dropped by {c.dropped_by}" if c.dropped_by else ""
+        if c.details:
+            note += " ".join(f"{k}={v:.4g}" for k, v in sorted(c.details.items()))
         rank = str(c.rank) if c.rank else ""
         lines.append(f"{rank:>4} {c.address:<22} {scores} {c.total:>7.3f}  {note}")
     return "\n".join(lines)

@@ -1,4 +1,6 @@
-"""The admin gRPC API: list endpoints, and explain a scheduling decision without routing anything."""
+"""The admin gRPC API: list endpoints, and explain a scheduling decision without routing anything.
+
+Explain is the request director's own dry run (`Director.explain`): the same steps in the same order."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from epp._generated import epp_admin_pb2 as pb
 from epp._generated import epp_admin_pb2_grpc as pb_grpc
-from epp.errors import Rejection
+from epp.scheduling.interfaces import EndpointDetails
 
 if TYPE_CHECKING:
     from epp.server import Server
@@ -26,14 +28,19 @@ class AdminService(pb_grpc.AdminServicer):
 
 def list_endpoints(server: Server) -> pb.ListEndpointsResponse:
     now = time.monotonic()
-    detector = server.pipeline.detector
+    detector = server.director.detector
     staleness = detector.staleness(len(server.pool))
+    plugins = server.scheduler.hooks(EndpointDetails)
     out = pb.ListEndpointsResponse(
         pool=server.config.pool.name, pool_saturation=detector.saturation(server.pool.all(), now)
     )
     for e in server.pool:
         m = e.metrics
         age = m.age(now)
+        details: dict[str, float] = {}
+        for plugin in plugins:
+            name = getattr(plugin, "name", type(plugin).__name__)
+            details.update({f"{name}.{k}": v for k, v in plugin.endpoint_details(e).items()})
         out.endpoints.append(
             pb.EndpointInfo(
                 address=e.address,
@@ -48,38 +55,36 @@ def list_endpoints(server: Server) -> pb.ListEndpointsResponse:
                 max_lora=m.max_lora,
                 inflight_requests=e.inflight_requests,
                 inflight_tokens=e.inflight_tokens,
-                prefix_index_blocks=server.prefix_index.entries(e.address),
                 saturation=detector.endpoint_saturation(e, now, staleness),
+                details=details,
             )
         )
     return out
 
 
 def explain(server: Server, request: pb.ExplainRequest) -> pb.ExplainResponse:
-    """Run parse → route → admission → scheduling with `explain=True`; learns nothing, counts nothing."""
-    pipeline = server.pipeline
+    """Where the request would go and why; learns nothing, counts nothing."""
+    director = server.director
     headers = dict(request.headers)
     headers.setdefault(":path", request.path or "/v1/chat/completions")
     subset = frozenset(request.subset) if request.has_subset else None
-    out = pb.ExplainResponse(pool_saturation=pipeline.detector.saturation(server.pool.all()))
-    for scorer, weight in pipeline.scheduler.scorers:
+    result = director.explain(headers, request.body if request.body else None, subset)
+    out = pb.ExplainResponse(pool_saturation=result.pool_saturation)
+    for scorer, weight in director.scheduler.scorers:
         out.weights[scorer.name] = weight
-    try:
-        sreq, _, _ = pipeline.prepare(headers, request.body if request.body else None, subset)
+    if result.request is not None:
+        sreq = result.request
         out.model, out.target_model, out.priority = sreq.model, sreq.target_model, sreq.priority
         out.prompt_tokens = sreq.prompt_tokens
-        pipeline.admit(sreq, server.pool.all())
-        result = pipeline.scheduler.schedule(
-            sreq, server.pool.all(), count=1 + pipeline.fallbacks, explain=True
-        )
-    except Rejection as rejection:
+    if result.rejection is not None:
+        rejection = result.rejection
         out.status, out.error_code, out.error_message = rejection.status, rejection.code, rejection.message
         return out
-    out.prompt_blocks = len(sreq.prefix_hashes or [])
     out.status = 200
-    out.destination = ",".join(e.address for e in result.endpoints)
+    out.destination = result.destination
+    out.details.update(result.details)
     ranks = {e.address: i + 1 for i, e in enumerate(result.endpoints)}
-    for c in sorted(result.explanation or [], key=lambda c: (c.dropped_by is not None, -c.total)):
+    for c in sorted(result.candidates, key=lambda c: (c.dropped_by is not None, -c.total)):
         out.candidates.append(
             pb.CandidateScore(
                 address=c.address,
@@ -87,6 +92,7 @@ def explain(server: Server, request: pb.ExplainRequest) -> pb.ExplainResponse:
                 scores=c.scores,
                 total=c.total,
                 rank=ranks.get(c.address, 0),
+                details=c.details,
             )
         )
     return out

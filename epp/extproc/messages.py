@@ -1,8 +1,8 @@
 """Builders for the ext_proc `ProcessingResponse` messages the picker sends (and the fixed ones).
 
-Wire rules these follow (see docs/protocol.md): header values go in `raw_value` only; the decision sets
-`clear_route_cache`; streamed body chunks are at most `chunk_size` bytes and the last one carries
-`end_of_stream`; an empty body still gets one (empty) chunk.
+Wire rules these follow (Envoy's ext_proc API and the GIE protocol): header values go in `raw_value` only;
+the decision sets `clear_route_cache`; streamed body chunks are at most `chunk_size` bytes and the last one
+carries `end_of_stream`; an empty body still gets one (empty) chunk.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
 
 from epp.errors import Rejection
+from epp.requestcontrol.headers import DESTINATION as DESTINATION_HEADER
+from epp.requestcontrol.headers import REJECT_REASON as REJECT_REASON_HEADER
+from epp.requestcontrol.headers import REQUEST_ID
 
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
 DESTINATION_METADATA_NAMESPACE = "envoy.lb"
 SERVED_METADATA_KEY = "x-gateway-destination-endpoint-served"
 SUBSET_METADATA_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_METADATA_KEY = "x-gateway-destination-endpoint-subset"
-REJECT_REASON_HEADER = "x-epp-reject-reason"
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -104,7 +105,7 @@ def immediate(rejection: Rejection, request_id: str | None = None) -> pb.Process
     """End the request with our own status and an OpenAI-style JSON error body."""
     headers = [("content-type", "application/json"), (REJECT_REASON_HEADER, rejection.code)]
     if request_id:
-        headers.append(("x-request-id", request_id))
+        headers.append((REQUEST_ID, request_id))
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=HttpStatus(code=rejection.status),  # type: ignore[arg-type]

@@ -10,8 +10,9 @@ Request side, by the body mode Envoy announces in `protocol_config` on the first
 * headers with `end_of_stream` (no body): decide at once on load alone.
 
 Response side passes through: headers continue; body chunks are echoed as `streamed_response` in
-FULL_DUPLEX mode or acknowledged in STREAMED mode; trailers continue. The stream's end (response done,
-client gone, or Envoy cancelling) releases the request's in-flight count exactly once.
+FULL_DUPLEX mode or acknowledged in STREAMED mode; trailers continue. The first response body chunk is
+reported to the director (time to first token); the stream's end (response done, client gone, or Envoy
+cancelling) is reported exactly once (`Director.finished` releases the in-flight count).
 
 `RequestStream.handle` is synchronous and pure wire logic, so unit tests drive it with scripted messages.
 """
@@ -29,7 +30,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from epp.config import LimitsConfig
 from epp.errors import Rejection
 from epp.extproc import messages as msg
-from epp.pipeline import REQUEST_ID, Decision, Pipeline
+from epp.requestcontrol.director import Decision, Director
+from epp.requestcontrol.headers import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +74,18 @@ class RequestStream:
         "_body_size",
         "_decided",
         "_duplex",
-        "_learn",
         "_response_duplex",
         "_status",
+        "_undispatched",
         "decision",
+        "director",
         "headers",
         "limits",
-        "pipeline",
         "subset",
     )
 
-    def __init__(self, pipeline: Pipeline, limits: LimitsConfig) -> None:
-        self.pipeline = pipeline
+    def __init__(self, director: Director, limits: LimitsConfig) -> None:
+        self.director = director
         self.limits = limits
         self.headers: dict[str, str] = {}
         self.subset: frozenset[str] | None = None
@@ -93,15 +95,15 @@ class RequestStream:
         self._body: list[bytes] = []
         self._body_size = 0
         self._decided = False
-        self._learn: Decision | None = None  # decided, not yet taught to the prefix index
+        self._undispatched: Decision | None = None  # decided; the reply has not been sent yet
         self._status = 0  # upstream :status once seen; 0 = none (yet)
 
     # -- dispatch ---------------------------------------------------------------------------------------
     def handle(
         self, message: pb.ProcessingRequest
     ) -> tuple[pb.ProcessingResponse, ...] | list[pb.ProcessingResponse]:
-        if self._learn is not None:
-            self.flush_learning()
+        if self._undispatched is not None:
+            self.dispatched()
         kind = message.WhichOneof("request")
         if kind == "request_body":
             return self._on_request_body(message.request_body)
@@ -171,13 +173,13 @@ class RequestStream:
         self._decided = True
         self._body = []
         try:
-            decision = self.pipeline.decide(self.headers, body, self.subset, learn=False)
+            decision = self.director.decide(self.headers, body, self.subset)
         except Rejection as rejection:
             return self._reject(rejection)
         except Exception:  # our bug: answer 500 for this request only, keep serving the others
             log.exception("ext_proc: internal error while deciding request %s", self.headers.get(REQUEST_ID))
             return self._reject(Rejection(500, "internal_error", "internal error in the endpoint picker"))
-        self.decision = self._learn = decision
+        self.decision = self._undispatched = decision
         headers = decision.response_headers()
         if body is None:  # bodyless
             return (msg.decision_headers_response(headers, decision.destination),)
@@ -205,12 +207,15 @@ class RequestStream:
         if decision is not None and message.HasField("metadata_context"):
             served = _served_endpoint(message.metadata_context)
             if served:
-                self.pipeline.served_by(decision, served)
+                self.director.served_by(decision, served)
         if message.response_headers.end_of_stream:
             self.close()
         return (msg.RESPONSE_HEADERS_CONTINUE,)
 
     def _on_response_body(self, body: pb.HttpBody) -> Any:
+        decision = self.decision
+        if decision is not None and not decision.first_byte:
+            self.director.response_started(decision)
         if body.end_of_stream:
             self.close()
         if self._response_duplex:
@@ -218,38 +223,39 @@ class RequestStream:
         return (msg.RESPONSE_BODY_CONTINUE,)
 
     # -- end --------------------------------------------------------------------------------------------
-    def flush_learning(self) -> None:
-        """Teach the prefix index the pick. Deferred from the decision so the reply leaves first; runs
-        before this stream's next message is handled, and the servicer runs it right after replying."""
-        decision, self._learn = self._learn, None
+    def dispatched(self) -> None:
+        """The decision reply has been sent: tell the director (plugins learn the pick). Deferred from the
+        decision so the reply leaves first; the servicer calls it right after replying, and it runs before
+        this stream's next message is handled in any case."""
+        decision, self._undispatched = self._undispatched, None
         if decision is not None:
-            self.pipeline.learn(decision)
+            self.director.dispatched(decision)
 
     def close(self) -> None:
         """Idempotent: release the in-flight count and record the outcome."""
-        self.flush_learning()
+        self.dispatched()
         decision = self.decision
         if decision is not None:
             self.decision = None
-            self.pipeline.finish(decision, self._status)
+            self.director.finished(decision, self._status)
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, pipeline: Pipeline, limits: LimitsConfig) -> None:
-        self.pipeline = pipeline
+    def __init__(self, director: Director, limits: LimitsConfig) -> None:
+        self.director = director
         self.limits = limits
         self.active_streams = 0
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse]:
-        stream = RequestStream(self.pipeline, self.limits)
+        stream = RequestStream(self.director, self.limits)
         self.active_streams += 1
         try:
             async for message in request_iterator:
                 for reply in stream.handle(message):
                     yield reply
-                stream.flush_learning()
+                stream.dispatched()
         finally:
             # Normal end, client disconnect, or cancellation: release exactly once.
             stream.close()

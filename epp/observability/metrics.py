@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from epp.datastore.endpoints import EndpointPool
+from epp.datalayer.endpoints import EndpointPool
 
 _LATENCY_BUCKETS = (
     0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 45, 60,
@@ -28,7 +28,7 @@ _SCHEDULER_BUCKETS = (
 
 
 class PoolCollector(Collector):
-    """Pool-level gauges computed at scrape time from the datastore."""
+    """Pool-level gauges computed at scrape time from the data layer."""
 
     def __init__(
         self,

@@ -60,7 +60,7 @@ async def test_explain_gives_the_choice_and_every_candidates_scores(picker) -> N
     assert response.weights["prefix-cache"] == 6
     # Explaining changes nothing: no in-flight count, nothing learned by the prefix index.
     assert all(e.inflight_requests == 0 for e in server.pool)
-    assert server.prefix_index.stats()["total_entries"] == 0
+    assert server.scheduler.scorers[0][0].index.stats()["total_entries"] == 0
     assert "=> " + ups[1].address in format_explain(response)
 
 

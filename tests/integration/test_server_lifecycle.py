@@ -70,6 +70,33 @@ async def test_prometheus_metrics_use_gie_names(upstreams, stack) -> None:
     assert "inference_extension_prefix_indexer_size" in samples
 
 
+async def _until_not_ready(port: int) -> None:
+    """Follow readiness with the health service's Watch stream until it reports NOT_SERVING (an event)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        async for update in stub.Watch(health_pb2.HealthCheckRequest(service="readiness")):
+            if update.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                return
+
+
+async def _until_new_streams_are_refused(port: int) -> None:
+    """Open ext_proc streams until the picker refuses one (shutdown has closed the door)."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.ExternalProcessorStub(channel)
+        while True:
+            call = stub.Process()
+            try:
+                await call.write(pb.ProcessingRequest(request_headers=pb.HttpHeaders(end_of_stream=True)))
+                await call.done_writing()
+                async for _ in call:
+                    pass
+            except grpc.aio.AioRpcError:
+                return
+
+
 async def test_graceful_shutdown_lets_an_inflight_stream_finish(upstreams, stack) -> None:
     ups = await upstreams(1, sse_events=3)
     server, envoy = await stack([ups[0].address])
@@ -82,8 +109,12 @@ async def test_graceful_shutdown_lets_an_inflight_stream_finish(upstreams, stack
         await ups[0].hits.wait()  # the request went through the picker and reached the model server
         assert server.servicer.active_streams == 1
         stopping = asyncio.ensure_future(server.stop())
-        await asyncio.sleep(0.2)  # let shutdown begin; the stream must survive it
-        assert not stopping.done()
+        async with asyncio.timeout(60):  # hang guard only
+            await _until_not_ready(server.ports.health)
+            await _until_new_streams_are_refused(server.ports.extproc)
+        # Shutdown has begun (not ready, new streams refused); the in-flight stream survives it.
+        assert not stopping.done() and not pending.done()
+        assert server.servicer.active_streams == 1
         release.set()
         response = await pending
         text = await response.text()

@@ -1,4 +1,4 @@
-"""Build scripted ext_proc messages (as Envoy sends them) and a picker pipeline without a server."""
+"""Build scripted ext_proc messages (as Envoy sends them) and a request director without a server."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.struct_pb2 import Struct
 
 from epp.config import load_config
-from epp.datastore.endpoints import Endpoint, EndpointPool
-from epp.datastore.prefix_index import PrefixIndex
+from epp.datalayer.discovery.static import static_endpoints
+from epp.datalayer.endpoints import EndpointPool
 from epp.extproc.servicer import RequestStream
-from epp.pipeline import Pipeline
+from epp.requestcontrol.director import Director
 from epp.scheduling.registry import PluginContext, build_scheduler
 
 DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
@@ -79,19 +79,19 @@ def response_trailers() -> pb.ProcessingRequest:
     return pb.ProcessingRequest(response_trailers=pb.HttpTrailers())
 
 
-def make_pipeline(addresses: list[str] | None = None, **overrides: Any) -> Pipeline:
-    """A pipeline over a static pool (no scraping: metrics stay at their defaults)."""
+def make_director(addresses: list[str] | None = None, **overrides: Any) -> Director:
+    """A director over a static pool (no scraping: metrics stay at their defaults)."""
     addresses = addresses if addresses is not None else ["10.0.0.1:8000", "10.0.0.2:8000"]
     data = {"pool": {"endpoints": addresses}, "scheduling": {"seed": 7}, **overrides}
     config = load_config(None, data)
-    pool = EndpointPool(Endpoint(e.address, e.engine) for e in config.pool.endpoints)
-    scheduler = build_scheduler(PluginContext(config, PrefixIndex(), random.Random(7)))
-    return Pipeline(config, pool, scheduler)
+    pool = EndpointPool(static_endpoints(config.pool))
+    scheduler = build_scheduler(PluginContext(config, pool, random.Random(7)))
+    return Director(config, pool, scheduler)
 
 
-def make_stream(pipeline: Pipeline | None = None) -> RequestStream:
-    pipeline = pipeline or make_pipeline()
-    return RequestStream(pipeline, pipeline.config.limits)
+def make_stream(director: Director | None = None) -> RequestStream:
+    director = director or make_director()
+    return RequestStream(director, director.config.limits)
 
 
 def header_values(mutation: pb.HeaderMutation) -> dict[str, str]:

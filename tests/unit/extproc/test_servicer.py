@@ -11,7 +11,7 @@ from support.extproc import (
     BUFFERED,
     DUPLEX,
     header_values,
-    make_pipeline,
+    make_director,
     make_stream,
     request_body,
     request_headers,
@@ -115,11 +115,11 @@ def test_trailers_end_the_body_in_full_duplex() -> None:
 
 
 def test_response_side_passes_through_and_releases_inflight_once() -> None:
-    pipeline = make_pipeline()
-    stream = make_stream(pipeline)
+    director = make_director()
+    stream = make_stream(director)
     stream.handle(request_headers())
     stream.handle(request_body(CHAT, True))
-    chosen = pipeline.pool.get(stream.decision.destination)
+    chosen = director.pool.get(stream.decision.destination)
     assert chosen.inflight_requests == 1
     assert kinds(stream.handle(response_headers(200))) == ["response_headers"]
     replies = list(stream.handle(response_body(b"data: 1\n\n", False)))
@@ -165,8 +165,8 @@ def test_bad_bodies_get_an_openai_error(body: bytes, path: str, status: int, cod
 
 
 def test_unknown_model_is_404_when_no_catch_all() -> None:
-    pipeline = make_pipeline(models=[{"name": "llama", "targets": [{"model": "llama-v2"}]}])
-    stream = make_stream(pipeline)
+    director = make_director(models=[{"name": "llama", "targets": [{"model": "llama-v2"}]}])
+    stream = make_stream(director)
     stream.handle(request_headers())
     (reply,) = stream.handle(request_body(CHAT, True))
     assert reply.immediate_response.status.code == 404
@@ -174,8 +174,8 @@ def test_unknown_model_is_404_when_no_catch_all() -> None:
 
 
 def test_body_over_the_limit_is_413_and_stops_buffering() -> None:
-    pipeline = make_pipeline(limits={"max_body_bytes": 2048})
-    stream = make_stream(pipeline)
+    director = make_director(limits={"max_body_bytes": 2048})
+    stream = make_stream(director)
     stream.handle(request_headers())
     assert list(stream.handle(request_body(b"x" * 2000, False))) == []
     (reply,) = stream.handle(request_body(b"x" * 2000, False))
@@ -185,7 +185,7 @@ def test_body_over_the_limit_is_413_and_stops_buffering() -> None:
 
 
 def test_no_endpoints_is_503_distinct_from_shedding() -> None:
-    stream = make_stream(make_pipeline(addresses=[]))
+    stream = make_stream(make_director(addresses=[]))
     stream.handle(request_headers())
     (reply,) = stream.handle(request_body(CHAT, True))
     assert reply.immediate_response.status.code == 503
@@ -211,8 +211,8 @@ def test_empty_subset_hint_is_503() -> None:
 
 
 def test_model_rewrite_rewrites_body_and_content_length() -> None:
-    pipeline = make_pipeline(models=[{"name": "m", "targets": [{"model": "m-v2"}]}])
-    stream = make_stream(pipeline)
+    director = make_director(models=[{"name": "m", "targets": [{"model": "m-v2"}]}])
+    stream = make_stream(director)
     stream.handle(request_headers({"content-length": str(len(CHAT))}))
     replies = list(stream.handle(request_body(CHAT, True)))
     body = b"".join(c for c, _ in streamed_chunks(replies))
@@ -242,7 +242,7 @@ def test_request_id_is_generated_when_absent_and_kept_when_present() -> None:
 
 def test_client_sent_destination_header_never_decides() -> None:
     for _ in range(10):
-        stream = make_stream(make_pipeline(addresses=["10.0.0.1:8000"]))
+        stream = make_stream(make_director(addresses=["10.0.0.1:8000"]))
         stream.handle(request_headers({"x-gateway-destination-endpoint": "6.6.6.6:666"}))
         replies = list(stream.handle(request_body(CHAT, True)))
         headers = header_values(replies[0].request_headers.response.header_mutation)
@@ -251,7 +251,7 @@ def test_client_sent_destination_header_never_decides() -> None:
 
 def test_fallback_list_is_ordered_and_distinct() -> None:
     addresses = [f"10.0.0.{i}:8000" for i in range(1, 5)]
-    stream = make_stream(make_pipeline(addresses=addresses, limits={"fallback_endpoints": 2}))
+    stream = make_stream(make_director(addresses=addresses, limits={"fallback_endpoints": 2}))
     stream.handle(request_headers())
     replies = list(stream.handle(request_body(CHAT, True)))
     value = header_values(replies[0].request_headers.response.header_mutation)[
@@ -262,8 +262,8 @@ def test_fallback_list_is_ordered_and_distinct() -> None:
 
 
 def test_served_endpoint_metadata_moves_the_inflight_count() -> None:
-    pipeline = make_pipeline(limits={"fallback_endpoints": 1})
-    stream = make_stream(pipeline)
+    director = make_director(limits={"fallback_endpoints": 1})
+    stream = make_stream(director)
     stream.handle(request_headers())
     stream.handle(request_body(CHAT, True))
     picked, fallback = stream.decision.endpoints
@@ -274,18 +274,18 @@ def test_served_endpoint_metadata_moves_the_inflight_count() -> None:
 
 
 def test_internal_error_is_500_for_that_request_only(monkeypatch) -> None:
-    pipeline = make_pipeline()
+    director = make_director()
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(pipeline.scheduler, "schedule", broken)
-    stream = make_stream(pipeline)
+    monkeypatch.setattr(director.scheduler, "schedule", broken)
+    stream = make_stream(director)
     stream.handle(request_headers())
     (reply,) = stream.handle(request_body(CHAT, True))
     assert reply.immediate_response.status.code == 500
     monkeypatch.undo()
-    stream = make_stream(pipeline)
+    stream = make_stream(director)
     stream.handle(request_headers())
     assert kinds(stream.handle(request_body(CHAT, True)))[0] == "request_headers"
 
@@ -300,9 +300,9 @@ async def _messages(items, disconnect: bool = False) -> AsyncIterator:
 
 
 async def test_client_disconnect_mid_body_releases_nothing_and_mid_response_releases_once() -> None:
-    pipeline = make_pipeline(addresses=["10.0.0.1:8000"])
-    servicer = ExtProcServicer(pipeline, pipeline.config.limits)
-    endpoint = pipeline.pool.get("10.0.0.1:8000")
+    director = make_director(addresses=["10.0.0.1:8000"])
+    servicer = ExtProcServicer(director, director.config.limits)
+    endpoint = director.pool.get("10.0.0.1:8000")
     # Gone mid-body: nothing was decided, nothing is held.
     with pytest.raises(ConnectionResetError):
         async for _ in servicer.Process(
@@ -323,8 +323,8 @@ async def test_client_disconnect_mid_body_releases_nothing_and_mid_response_rele
 
 
 async def test_one_bad_request_does_not_disturb_concurrent_ones() -> None:
-    pipeline = make_pipeline()
-    servicer = ExtProcServicer(pipeline, pipeline.config.limits)
+    director = make_director()
+    servicer = ExtProcServicer(director, director.config.limits)
     good = [request_headers(), request_body(CHAT, True), response_headers(), response_body(b"ok", True)]
     bad = [request_headers(), request_body(b"{oops", True)]
     good_replies = [r async for r in servicer.Process(_messages(good), None)]
@@ -336,7 +336,7 @@ async def test_one_bad_request_does_not_disturb_concurrent_ones() -> None:
         == kinds(again)
         == ["request_headers", "request_body", "response_headers", "response_body"]
     )
-    assert all(e.inflight_requests == 0 for e in pipeline.pool)
+    assert all(e.inflight_requests == 0 for e in director.pool)
 
 
 def test_duplex_constant_is_full_duplex() -> None:
@@ -344,10 +344,10 @@ def test_duplex_constant_is_full_duplex() -> None:
 
 
 async def test_prefix_index_learns_the_pick_after_the_reply_is_sent() -> None:
-    pipeline = make_pipeline(addresses=["10.0.0.1:8000"])
-    servicer = ExtProcServicer(pipeline, pipeline.config.limits)
+    director = make_director(addresses=["10.0.0.1:8000"])
+    servicer = ExtProcServicer(director, director.config.limits)
     prompt = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "p" * 2000}]})
-    index = pipeline.scheduler.observers[0].index
+    index = director.scheduler.scorers[0][0].index
     entries_at_reply = []
     async for _reply in servicer.Process(_messages([request_headers(), request_body(prompt, True)]), None):
         entries_at_reply.append(index.entries("10.0.0.1:8000"))

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 
 from epp.config import ConfigError, load_config
-from epp.datastore.prefix_index import PrefixIndex
+from epp.datalayer.endpoints import EndpointPool
 from epp.scheduling.registry import PluginContext, available, build_scheduler, params_of, validate_plugins
 
 
 def build(scheduling: dict[str, Any]) -> Any:
     config = load_config(None, {"scheduling": scheduling})
-    return build_scheduler(PluginContext(config, PrefixIndex(), random.Random(0)))
+    return build_scheduler(PluginContext(config, EndpointPool(), random.Random(0)))
 
 
 def error_of(scheduling: dict[str, Any]) -> str:
@@ -26,7 +26,7 @@ def error_of(scheduling: dict[str, Any]) -> str:
 
 def test_available_lists_the_builtins() -> None:
     names = available()
-    assert names["filter"] == ["healthy", "subset-hint"]
+    assert names["filter"] == ["healthy"]
     assert names["picker"] == ["max-score", "weighted-random"]
     assert set(names["scorer"]) >= {"queue", "kv-cache", "lora-affinity", "inflight", "prefix-cache"}
 
@@ -40,6 +40,21 @@ def test_unknown_scorer_type_names_the_entry_and_lists_the_known_ones() -> None:
     assert message.startswith("scheduling.scorers[1]:")
     assert "unknown scorer type 'qeueu'" in message
     assert "queue" in message.split("available:")[1]
+
+
+def test_subset_hint_is_not_a_filter_any_more() -> None:
+    # The director applies the gateway's subset before the filters; a config listing it gets a clear error.
+    message = error_of({"filters": [{"type": "subset-hint"}, {"type": "healthy"}]})
+    assert message.startswith("scheduling.filters[0]: unknown filter type 'subset-hint'")
+
+
+def test_prefix_cache_index_settings_are_its_parameters() -> None:
+    sched = build({"scorers": [{"type": "prefix-cache", "params": {"block_chars": 32, "max_blocks": 8}}]})
+    scorer = sched.scorers[0][0]
+    assert (scorer.block_chars, scorer.max_blocks) == (32, 8)
+    assert error_of({"scorers": [{"type": "prefix-cache", "params": {"max_blocks": 0}}]}).startswith(
+        "scheduling.scorers[0]: plugin 'prefix-cache': max_blocks must be >= 1"
+    )
 
 
 def test_unknown_filter_and_picker_types() -> None:

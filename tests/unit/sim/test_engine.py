@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from epp.sim.engine import BLOCK_CHARS, RUNNING, WAITING, Engine, SimRequest, block_hashes, prompt_token_count
-from epp.sim.profiles import PROFILES, get_profile
+from epp_lab.sim.config import EngineConfig
+from epp_lab.sim.engine import (
+    BLOCK_CHARS,
+    RUNNING,
+    WAITING,
+    Engine,
+    SimRequest,
+    block_hashes,
+    prompt_token_count,
+)
+from epp_lab.sim.profiles import PROFILES, get_profile
 
 PROFILE = get_profile("h100-llama3-8b")
 MODEL = "base"
@@ -52,7 +61,7 @@ def test_profiles_cover_required_names() -> None:
 
 
 def test_ttft_formula_and_cached_prefix_lowers_ttft() -> None:
-    eng = Engine(PROFILE)
+    eng = Engine(EngineConfig(PROFILE))
     text = prefix(0, 8000) + " question one"
     first = make(text)
     run_one(eng, first, 0.0)
@@ -72,7 +81,7 @@ def test_ttft_formula_and_cached_prefix_lowers_ttft() -> None:
 
 
 def test_fully_cached_prompt_still_computes_its_last_block() -> None:
-    eng = Engine(PROFILE)
+    eng = Engine(EngineConfig(PROFILE))
     text = "z" * (BLOCK_CHARS * 4)
     run_one(eng, make(text), 0.0)
     again = make(text)
@@ -81,7 +90,7 @@ def test_fully_cached_prompt_still_computes_its_last_block() -> None:
 
 
 def test_lru_eviction_under_pressure() -> None:
-    eng = Engine(PROFILE, num_gpu_blocks=64)  # 1024 tokens: room for ~3 prompts of 20 blocks
+    eng = Engine(EngineConfig(PROFILE, num_gpu_blocks=64))  # 1024 tokens: room for ~3 prompts of 20 blocks
     texts = [prefix(i, 20 * BLOCK_CHARS) for i in range(6)]
     t = 0.0
     for text in texts:
@@ -93,7 +102,7 @@ def test_lru_eviction_under_pressure() -> None:
 
 
 def test_eviction_takes_a_prompts_tail_before_its_head() -> None:
-    eng = Engine(PROFILE, num_gpu_blocks=30)
+    eng = Engine(EngineConfig(PROFILE, num_gpu_blocks=30))
     shared = prefix(1, 20 * BLOCK_CHARS)
     t = run_one(eng, make(shared), 0.0)
     # A newcomer needing 15 blocks forces 5 evictions (10 blocks were never used): they come from the tail.
@@ -102,7 +111,7 @@ def test_eviction_takes_a_prompts_tail_before_its_head() -> None:
 
 
 def test_kv_full_makes_requests_wait_fcfs() -> None:
-    eng = Engine(PROFILE, num_gpu_blocks=100)
+    eng = Engine(EngineConfig(PROFILE, num_gpu_blocks=100))
     big = [make(prefix(i, 60 * BLOCK_CHARS), max_tokens=50, rid=str(i)) for i in range(3)]
     for r in big:
         eng.submit(r, 0.0)
@@ -116,7 +125,7 @@ def test_kv_full_makes_requests_wait_fcfs() -> None:
 
 
 def test_max_num_seqs_caps_the_batch() -> None:
-    eng = Engine(PROFILE, max_num_seqs=2)
+    eng = Engine(EngineConfig(PROFILE, max_num_seqs=2))
     reqs = [make(prefix(i, 200), rid=str(i)) for i in range(5)]
     for r in reqs:
         eng.submit(r, 0.0)
@@ -126,7 +135,7 @@ def test_max_num_seqs_caps_the_batch() -> None:
 
 def test_decode_step_grows_with_batch_size() -> None:
     def tpot(n: int) -> float:
-        eng = Engine(PROFILE)
+        eng = Engine(EngineConfig(PROFILE))
         reqs = [make(prefix(i, 400), max_tokens=20, rid=str(i)) for i in range(n)]
         for r in reqs:
             eng.submit(r, 0.0)
@@ -140,7 +149,7 @@ def test_decode_step_grows_with_batch_size() -> None:
 
 
 def test_chunked_prefill_respects_token_budget() -> None:
-    eng = Engine(PROFILE, max_num_batched_tokens=512)
+    eng = Engine(EngineConfig(PROFILE, max_num_batched_tokens=512))
     req = make("q" * 4 * 2000)
     eng.submit(req, 0.0)
     batch = eng.schedule()
@@ -153,7 +162,7 @@ def test_chunked_prefill_respects_token_budget() -> None:
 
 def test_preemption_when_decode_cannot_grow() -> None:
     # Two requests whose prompts fit but whose outputs do not: the later one is preempted and recomputed.
-    eng = Engine(PROFILE, num_gpu_blocks=20)
+    eng = Engine(EngineConfig(PROFILE, num_gpu_blocks=20))
     a = make(prefix(1, 8 * BLOCK_CHARS), max_tokens=60, rid="a")
     b = make(prefix(2, 8 * BLOCK_CHARS), max_tokens=60, rid="b")
     eng.submit(a, 0.0)
@@ -165,7 +174,7 @@ def test_preemption_when_decode_cannot_grow() -> None:
 
 
 def test_lora_slots_load_delay_and_waiting() -> None:
-    eng = Engine(PROFILE, max_lora=1)
+    eng = Engine(EngineConfig(PROFILE, max_lora=1))
     a1 = make("hello " * 50, max_tokens=30, model="a", lora="a", rid="a1")
     b1 = make("hello " * 50, max_tokens=5, model="b", lora="b", rid="b1")
     base = make("hello " * 50, max_tokens=5, rid="base")
@@ -188,7 +197,7 @@ def test_lora_slots_load_delay_and_waiting() -> None:
 
 
 def test_abort_frees_blocks_and_slots() -> None:
-    eng = Engine(PROFILE, max_lora=1)
+    eng = Engine(EngineConfig(PROFILE, max_lora=1))
     r = make("x" * 4000, max_tokens=100, model="a", lora="a")
     eng.submit(r, 0.0)
     eng.finish(eng.schedule(), 1.0)
@@ -200,7 +209,7 @@ def test_abort_frees_blocks_and_slots() -> None:
 
 def test_deterministic() -> None:
     def trace() -> list[tuple[float | None, float | None, int]]:
-        eng = Engine(PROFILE, num_gpu_blocks=200, max_lora=2)
+        eng = Engine(EngineConfig(PROFILE, num_gpu_blocks=200, max_lora=2))
         reqs = []
         for i in range(40):
             lora = ("a", "b", "c", None)[i % 4]

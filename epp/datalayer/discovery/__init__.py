@@ -1,0 +1,1 @@
+"""Which endpoints the pool has: `static` (the config) or `kubernetes` (an InferencePool's Ready pods)."""

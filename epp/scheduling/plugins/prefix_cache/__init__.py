@@ -1,0 +1,1 @@
+"""Prefix-cache affinity: the scorer (`scorer`) and the approximate index it owns and teaches (`index`)."""
