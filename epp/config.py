@@ -178,6 +178,25 @@ class LimitsConfig(StrictModel):
     fallback_endpoints: int = Field(0, ge=0, le=16)
 
 
+class ResponseConfig(StrictModel):
+    """How far the picker follows each response (README: "Streamed responses: what the picker receives").
+
+    `first-byte` (default): where Envoy lets the picker stop (response body mode STREAMED or BUFFERED), it
+    stops following a response after its first body chunk: the time to the first token is observed, and every
+    later chunk passes through Envoy without a gRPC message to the picker. A FULL_DUPLEX_STREAMED response
+    must have every chunk echoed, so it is always followed to its end. `full`: follow every response to its
+    end (a gRPC round trip per chunk, ~0.1 ms of picker CPU each).
+    """
+
+    follow: Literal["first-byte", "full"] = "first-byte"
+    # In first-byte mode, follow every n-th request to its end anyway (request duration; 0: never).
+    full_sample_every: int = Field(64, ge=0)
+    # When Envoy announces BUFFERED response bodies, ask it for STREAMED ones in the reply to the response
+    # headers (`mode_override`, honoured only where the filter has allow_mode_override), so the first chunk
+    # arrives when the model server sends it rather than with the whole response.
+    streamed_override: bool = True
+
+
 class PluginConfig(StrictModel):
     """A scheduling plugin by registered type name, with its weight (scorers) and parameters."""
 
@@ -251,6 +270,7 @@ class Config(StrictModel):
     objectives: tuple[Objective, ...] = ()
     default_priority: int = 0
     limits: LimitsConfig = LimitsConfig()
+    response: ResponseConfig = ResponseConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
 
     @model_validator(mode="after")

@@ -18,7 +18,6 @@ from typing import Any
 
 import grpc
 from aiohttp import web
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,8 +26,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from epp.config import Config, ConfigError
 from epp.datalayer.discovery.static import static_endpoints
 from epp.datalayer.endpoints import EndpointPool
-from epp.extproc.servicer import ExtProcServicer
-from epp.observability.metrics import PoolCollector, RequestMetrics
+from epp.extproc.servicer import EXTPROC_SERVICE, ExtProcServicer
+from epp.observability.metrics import ExtProcCollector, PoolCollector, RequestMetrics
 from epp.requestcontrol.director import Director
 from epp.scheduling.interfaces import EndpointDetails
 from epp.scheduling.registry import PluginContext, build_scheduler
@@ -36,7 +35,6 @@ from epp.tls import load_key_and_cert
 
 log = logging.getLogger(__name__)
 
-EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 HEALTH_NAMES = ("liveness", "readiness", EXTPROC_SERVICE)
 
 
@@ -60,7 +58,8 @@ class Server:
         self.registry.register(
             PoolCollector(self.pool, config.pool.name, self.director.detector.staleness, self._plugin_gauges)
         )
-        self.servicer = ExtProcServicer(self.director, config.limits)
+        self.servicer = ExtProcServicer(self.director, config.limits, config.response)
+        self.registry.register(ExtProcCollector(self.servicer))
         self.health = HealthServicer()
         self.scraper: object | None = None
         self.discovery: Any = None
@@ -83,7 +82,7 @@ class Server:
         self._grpc = grpc.aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)]
         )
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, self._grpc)
+        self.servicer.add_to_server(self._grpc)
         address = f"{cfg.host}:{cfg.extproc_port}"
         if cfg.tls.enabled:
             credentials = grpc.ssl_server_credentials([load_key_and_cert(cfg.tls)])

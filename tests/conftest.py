@@ -45,8 +45,11 @@ async def stack() -> AsyncIterator[Callable[..., Any]]:
         shape: str = "gateway",
         extra_http_filters: list[dict[str, Any]] | None = None,
         tls: bool = False,
+        envoy: dict[str, Any] | None = None,
         **config: Any,
     ) -> tuple[Any, Any]:
+        """`envoy`: more EnvoyOptions (e.g. processing_mode, extproc); the rest overrides the picker's
+        config."""
         overrides: dict[str, Any] = {
             "server": {"extproc_port": 0, "health_port": 0, "metrics_port": 0, "tls": {"enabled": tls},
                        "grace_period_s": 1},
@@ -61,15 +64,15 @@ async def stack() -> AsyncIterator[Callable[..., Any]]:
         server = Server(load_config(None, overrides))
         ports = await server.start()
         running.append(server)
-        envoy = Envoy(
+        proxy = Envoy(
             EnvoyOptions(
                 shape=shape, epp_port=ports.extproc, epp_tls=tls, pool=addresses,
-                extra_http_filters=extra_http_filters or [],
+                extra_http_filters=extra_http_filters or [], **(envoy or {}),
             )
         )  # fmt: skip
-        await envoy.start()
-        running.append(envoy)
-        return server, envoy
+        await proxy.start()
+        running.append(proxy)
+        return server, proxy
 
     yield make
     for item in reversed(running):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
@@ -32,6 +33,12 @@ RESPONSE_HEADERS_CONTINUE = pb.ProcessingResponse(response_headers=pb.HeadersRes
 RESPONSE_BODY_CONTINUE = pb.ProcessingResponse(response_body=pb.BodyResponse())
 REQUEST_TRAILERS_CONTINUE = pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
 RESPONSE_TRAILERS_CONTINUE = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+# Continue the response headers and ask Envoy for the response body chunk by chunk (STREAMED) instead of
+# whole (BUFFERED); honoured only where the filter has allow_mode_override.
+RESPONSE_HEADERS_CONTINUE_STREAMED = pb.ProcessingResponse(
+    response_headers=pb.HeadersResponse(),
+    mode_override=ProcessingMode(response_body_mode=ProcessingMode.STREAMED),
+)
 
 
 def header_mutation(headers: Iterable[tuple[str, str]]) -> pb.HeaderMutation:
@@ -97,8 +104,52 @@ def _streamed_chunk(side: str, chunk: bytes, end_of_stream: bool) -> pb.Processi
 
 
 def streamed_response_body(chunk: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
-    """Echo one response-body chunk unchanged (FULL_DUPLEX_STREAMED response side)."""
+    """Echo one response-body chunk unchanged (FULL_DUPLEX_STREAMED response side), as a message object.
+    The servicer sends `echo_response_body` instead: the same bytes on the wire, built without protobuf."""
     return _streamed_chunk("response_body", chunk, end_of_stream)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _echo_head(size: int, end_of_stream: bool) -> bytes:
+    """The serialized ProcessingResponse around a `size`-byte echoed chunk, up to the chunk's first byte:
+
+        response_body (4) { response (1) { body_mutation (3) { streamed_response (3) {
+            body (1): <chunk>, end_of_stream (2): true }}}}
+
+    each length-delimited field as tag, varint length, payload; proto3 leaves out an empty body and a false
+    end_of_stream."""
+    inner = (1 + len(_varint(size)) + size if size else 0) + (2 if end_of_stream else 0)
+    mutation = 1 + len(_varint(inner)) + inner
+    common = 1 + len(_varint(mutation)) + mutation
+    body_response = 1 + len(_varint(common)) + common
+    head = b"\x22" + _varint(body_response) + b"\x0a" + _varint(common) + b"\x1a" + _varint(mutation)
+    head += b"\x1a" + _varint(inner)
+    return head + (b"\x0a" + _varint(size) if size else b"")
+
+
+_ECHO_HEADS: dict[tuple[int, bool], bytes] = {}
+_ECHO_CACHE_LIMIT = 1 << 16  # chunk sizes whose heads are kept (SSE events are tens to hundreds of bytes)
+
+
+def echo_response_body(chunk: bytes, end_of_stream: bool) -> bytes:
+    """`streamed_response_body(chunk, end_of_stream)` already serialized: a cached head + the chunk (one copy,
+    no protobuf objects). This is the per-token cost of FULL_DUPLEX_STREAMED responses, so it is kept to a
+    dict lookup and one concatenation; the servicer's serializer passes bytes through."""
+    key = (len(chunk), end_of_stream)
+    head = _ECHO_HEADS.get(key)
+    if head is None:
+        head = _echo_head(len(chunk), end_of_stream)
+        if len(chunk) < _ECHO_CACHE_LIMIT:
+            _ECHO_HEADS[key] = head
+    return head + chunk + b"\x10\x01" if end_of_stream else head + chunk
 
 
 def immediate(rejection: Rejection, request_id: str | None = None) -> pb.ProcessingResponse:

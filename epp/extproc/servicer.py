@@ -9,10 +9,19 @@ Request side, by the body mode Envoy announces in `protocol_config` on the first
   decide on the single buffered body message and carry the decision on the body reply.
 * headers with `end_of_stream` (no body): decide at once on load alone.
 
-Response side passes through: headers continue; body chunks are echoed as `streamed_response` in
-FULL_DUPLEX mode or acknowledged in STREAMED mode; trailers continue. The first response body chunk is
-reported to the director (time to first token); the stream's end (response done, client gone, or Envoy
-cancelling) is reported exactly once (`Director.finished` releases the in-flight count).
+Response side, by the response body mode Envoy announces (the picker never changes the response):
+
+* FULL_DUPLEX_STREAMED: every chunk must be echoed (`streamed_response`, pre-serialized: the per-token cost);
+  the stream is followed to its end.
+* STREAMED (and BUFFERED, asked to become STREAMED with `mode_override`): chunks are acknowledged; with
+  `response.follow: first-byte` the picker ends its gRPC stream after acknowledging the first chunk, and Envoy
+  passes the rest of the response through without it (safe in these modes: Envoy keeps the chunks; never in
+  FULL_DUPLEX_STREAMED, where it would lose them).
+* NONE: only the response headers (and trailers, if sent) reach the picker.
+
+The first response body chunk is reported to the director (time to first token); the picker's end of
+following the request (response done, stopped early, client gone, or Envoy cancelling) is reported exactly
+once (`Director.finished` releases the in-flight count).
 
 `RequestStream.handle` is synchronous and pure wire logic, so unit tests drive it with scripted messages.
 """
@@ -23,11 +32,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from epp.config import LimitsConfig
+from epp.config import LimitsConfig, ResponseConfig
 from epp.errors import Rejection
 from epp.extproc import messages as msg
 from epp.requestcontrol.director import Decision, Director
@@ -36,7 +46,9 @@ from epp.requestcontrol.headers import REQUEST_ID
 log = logging.getLogger(__name__)
 
 _FULL_DUPLEX = ProcessingMode.FULL_DUPLEX_STREAMED
+_BUFFERED = ProcessingMode.BUFFERED
 _NO_RESPONSES: tuple[pb.ProcessingResponse, ...] = ()
+EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 def _subset_hint(metadata: Any) -> frozenset[str] | None:
@@ -74,24 +86,30 @@ class RequestStream:
         "_body_size",
         "_decided",
         "_duplex",
-        "_response_duplex",
+        "_response_mode",
         "_status",
+        "_streamed_override",
         "_undispatched",
         "decision",
         "director",
+        "done",
         "headers",
         "limits",
         "subset",
     )
 
-    def __init__(self, director: Director, limits: LimitsConfig) -> None:
+    def __init__(
+        self, director: Director, limits: LimitsConfig, response: ResponseConfig | None = None
+    ) -> None:
         self.director = director
         self.limits = limits
         self.headers: dict[str, str] = {}
         self.subset: frozenset[str] | None = None
         self.decision: Decision | None = None
+        self.done = False  # the picker needs no further message: the servicer ends the gRPC stream
         self._duplex = False
-        self._response_duplex = False
+        self._response_mode = _FULL_DUPLEX  # until Envoy says otherwise (protocol_config)
+        self._streamed_override = (response or ResponseConfig()).streamed_override
         self._body: list[bytes] = []
         self._body_size = 0
         self._decided = False
@@ -126,7 +144,7 @@ class RequestStream:
         if message.HasField("protocol_config"):
             config = message.protocol_config
             self._duplex = config.request_body_mode == _FULL_DUPLEX
-            self._response_duplex = config.response_body_mode == _FULL_DUPLEX
+            self._response_mode = config.response_body_mode
         headers = self.headers
         for header in message.request_headers.headers.headers:
             headers[header.key] = (
@@ -210,16 +228,25 @@ class RequestStream:
                 self.director.served_by(decision, served)
         if message.response_headers.end_of_stream:
             self.close()
+        elif self._response_mode == _BUFFERED and self._streamed_override:
+            return (msg.RESPONSE_HEADERS_CONTINUE_STREAMED,)
         return (msg.RESPONSE_HEADERS_CONTINUE,)
 
     def _on_response_body(self, body: pb.HttpBody) -> Any:
         decision = self.decision
         if decision is not None and not decision.first_byte:
             self.director.response_started(decision)
-        if body.end_of_stream:
+        end_of_stream = body.end_of_stream
+        if self._response_mode == _FULL_DUPLEX:  # every chunk echoed, to the end
+            if end_of_stream:
+                self.close()
+            return (msg.echo_response_body(body.body, end_of_stream),)
+        if end_of_stream:
             self.close()
-        if self._response_duplex:
-            return (msg.streamed_response_body(body.body, body.end_of_stream),)
+        elif decision is None or not decision.follow_to_end:
+            # Enough: Envoy passes the rest of the response through without the picker.
+            self.close(followed_to_end=False)
+            self.done = True
         return (msg.RESPONSE_BODY_CONTINUE,)
 
     # -- end --------------------------------------------------------------------------------------------
@@ -231,32 +258,61 @@ class RequestStream:
         if decision is not None:
             self.director.dispatched(decision)
 
-    def close(self) -> None:
-        """Idempotent: release the in-flight count and record the outcome."""
+    def close(self, followed_to_end: bool = True) -> None:
+        """Idempotent: the picker stops following the request; release the in-flight count, record the
+        outcome."""
         self.dispatched()
         decision = self.decision
         if decision is not None:
             self.decision = None
-            self.director.finished(decision, self._status)
+            self.director.finished(decision, self._status, followed_to_end)
+
+
+def _serialize(reply: pb.ProcessingResponse | bytes) -> bytes:
+    """Replies are messages, or already serialized (`messages.echo_response_body`)."""
+    return reply if reply.__class__ is bytes else reply.SerializeToString()  # type: ignore[union-attr]
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, director: Director, limits: LimitsConfig) -> None:
+    def __init__(
+        self, director: Director, limits: LimitsConfig, response: ResponseConfig | None = None
+    ) -> None:
         self.director = director
         self.limits = limits
+        self.response = response or ResponseConfig()
         self.active_streams = 0
+        # Counters for /metrics (plain ints on the hot path; exported at scrape time).
+        self.streams = 0
+        self.messages = 0  # ProcessingRequests received
+        self.stopped_early = 0  # streams the picker ended after the first response chunk
+
+    def add_to_server(self, server: Any) -> None:
+        """Register `Process` with a serializer that passes pre-serialized replies through."""
+        handler = grpc.stream_stream_rpc_method_handler(
+            self.Process,
+            request_deserializer=pb.ProcessingRequest.FromString,
+            response_serializer=_serialize,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(EXTPROC_SERVICE, {"Process": handler}),)
+        )
 
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
-    ) -> AsyncIterator[pb.ProcessingResponse]:
-        stream = RequestStream(self.director, self.limits)
+    ) -> AsyncIterator[pb.ProcessingResponse | bytes]:
+        stream = RequestStream(self.director, self.limits, self.response)
         self.active_streams += 1
+        self.streams += 1
         try:
             async for message in request_iterator:
+                self.messages += 1
                 for reply in stream.handle(message):
                     yield reply
                 stream.dispatched()
+                if stream.done:
+                    self.stopped_early += 1
+                    break  # ends the gRPC stream (status OK): Envoy carries on without the picker
         finally:
-            # Normal end, client disconnect, or cancellation: release exactly once.
+            # Normal end, stopped early, client disconnect, or cancellation: release exactly once.
             stream.close()
             self.active_streams -= 1

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from epp.datalayer.endpoints import EndpointPool
@@ -82,6 +82,26 @@ class PoolCollector(Collector):
             yield family
 
 
+class ExtProcCollector(Collector):
+    """The ext_proc servicer's counters (plain ints on the per-message path), read at scrape time: streams,
+    messages received (their ratio is the gRPC messages per request, the picker's main per-request cost),
+    streams the picker ended after the first response chunk, streams open now."""
+
+    def __init__(self, servicer: Any) -> None:
+        self.servicer = servicer
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self.servicer
+        yield CounterMetricFamily("epp_extproc_streams", "ext_proc streams (HTTP requests)", s.streams)
+        yield CounterMetricFamily("epp_extproc_messages", "ext_proc messages from Envoy", s.messages)
+        yield CounterMetricFamily(
+            "epp_extproc_streams_stopped_early",
+            "Streams the picker ended after the first response chunk (response.follow: first-byte)",
+            s.stopped_early,
+        )
+        yield GaugeMetricFamily("epp_extproc_active_streams", "ext_proc streams open now", s.active_streams)
+
+
 class RequestMetrics:
     """Per-request counters and histograms (labels: model_name, target_model_name)."""
 
@@ -98,13 +118,18 @@ class RequestMetrics:
         )
         self.duration = Histogram(
             "inference_objective_request_duration_seconds",
-            "From the picker seeing the request to the end of the response",
+            "From the picker seeing the request to the end of the response (requests the picker followed to "
+            "the end: all with response.follow full, every full_sample_every-th in first-byte mode)",
             labels,
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
         self.running = Gauge(
-            "inference_objective_running_requests", "Requests in flight", ["model_name"], registry=registry
+            "inference_objective_running_requests",
+            "Requests the picker follows: from the decision to the end of the response, or to its first "
+            "chunk where the picker stops following early",
+            ["model_name"],
+            registry=registry,
         )
         self.scheduler_duration = Histogram(
             "inference_extension_scheduler_e2e_duration_seconds",
@@ -132,9 +157,11 @@ class RequestMetrics:
         self._child(self.requests, model, target).inc()
         self._child(self.running, model).inc()
 
-    def finished(self, model: str, target: str, seconds: float, error_code: str | None) -> None:
+    def finished(self, model: str, target: str, seconds: float | None, error_code: str | None) -> None:
+        """`seconds` None: the picker stopped following the response early (its duration is unknown)."""
         self._child(self.running, model).dec()
-        self._child(self.duration, model, target).observe(seconds)
+        if seconds is not None:
+            self._child(self.duration, model, target).observe(seconds)
         if error_code:
             self._child(self.errors, model, target, error_code).inc()
 

@@ -6,9 +6,11 @@
     dispatched        the decision reply left: plugins' `pre_request` hooks (e.g. the prefix index learns)
     served_by         the gateway says another endpoint served it: the in-flight count moves there and the
                       `pre_request` hooks hear of the new endpoint
-    response_started  the first response byte arrived: `response_started` hooks
-    finished          the stream ended, whatever the outcome: in-flight released, `response_complete`
-                      hooks, request metrics
+    response_started  the first response body chunk arrived (time to first token): `response_started` hooks
+    finished          the picker stopped following the request: its stream ended, whatever the outcome, or
+                      (`followed_to_end` False) the picker let the rest of the response pass without it
+                      after the first chunk (`response.follow: first-byte`): in-flight released,
+                      `response_complete` hooks, request metrics
 
 `explain` runs the same `decide` steps as a dry run: nothing is counted, learned or dispatched.
 The ext_proc servicer owns the wire; this module owns the order; each step lives in its own module.
@@ -55,6 +57,7 @@ class Decision:
     served: Endpoint | None = None  # the endpoint holding our in-flight count (picked, or served if told)
     dispatched_at: float = 0.0  # perf_counter when the decision reply left (0: not yet)
     first_byte: bool = False  # response_started already reported
+    follow_to_end: bool = True  # follow the response to its end even where the picker could stop early
 
     def response_headers(self) -> list[tuple[str, str]]:
         headers = [(DESTINATION, self.destination)]
@@ -96,6 +99,10 @@ class Director:
         self.detector = SaturationDetector(config.scheduling.saturation, config.scheduling.scrape, clock)
         self.metrics = metrics
         self.fallbacks = config.limits.fallback_endpoints
+        response = config.response
+        self._follow_all = response.follow == "full"
+        self._sample_every = response.full_sample_every
+        self._decisions = 0
         self._pre_request: list[PreRequest] = scheduler.hooks(PreRequest)
         self._response_started: list[ResponseStarted] = scheduler.hooks(ResponseStarted)
         self._response_complete: list[ResponseComplete] = scheduler.hooks(ResponseComplete)
@@ -186,6 +193,8 @@ class Director:
         if decoded is not None and target != model:
             decoded["model"] = target
             new_body = orjson.dumps(decoded)
+        self._decisions += 1
+        every = self._sample_every
         return Decision(
             request=request,
             state=state,
@@ -195,6 +204,7 @@ class Director:
             request_id_generated=generated,
             started=started,
             served=chosen,
+            follow_to_end=self._follow_all or (every > 0 and self._decisions % every == 0),
         )
 
     # -- the request's lifecycle ------------------------------------------------------------------------
@@ -236,8 +246,9 @@ class Director:
         for hook in self._response_started:
             hook.response_started(decision.request, decision.state, endpoint, seconds)
 
-    def finished(self, decision: Decision, status: int) -> None:
-        """Exactly once per decided request, when its stream ends (success, error, or disconnect)."""
+    def finished(self, decision: Decision, status: int, followed_to_end: bool = True) -> None:
+        """Exactly once per decided request, when the picker stops following it: its stream ended (success,
+        error, or disconnect), or, `followed_to_end` False, the rest of the response passes without it."""
         endpoint = decision.served
         if endpoint is not None:
             endpoint.release(decision.request.estimated_tokens)
@@ -246,12 +257,8 @@ class Director:
                 hook.response_complete(decision.request, decision.state, endpoint, status)
         if self.metrics:
             error = None if 0 < status < 400 else ("client_disconnected" if status == 0 else f"http_{status}")
-            self.metrics.finished(
-                decision.request.model,
-                decision.request.target_model,
-                time.perf_counter() - decision.started,
-                error,
-            )
+            duration = time.perf_counter() - decision.started if followed_to_end else None
+            self.metrics.finished(decision.request.model, decision.request.target_model, duration, error)
 
     # -- dry run ----------------------------------------------------------------------------------------
 

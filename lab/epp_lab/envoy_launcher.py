@@ -3,7 +3,9 @@
 
 Used by the integration tests, the demo and the benchmarks, so all three run the same Envoy shapes:
 
-    gateway        ORIGINAL_DST on our header, ext_proc FULL_DUPLEX_STREAMED both ways (the standard)
+    gateway        ORIGINAL_DST on our header, ext_proc request body FULL_DUPLEX_STREAMED, response body
+                   STREAMED (the picker stops after the first response chunk): the recommended plain Envoy
+    ai-gateway     as Envoy AI Gateway configures it: FULL_DUPLEX_STREAMED both ways (every chunk echoed)
     buffered       ORIGINAL_DST, ext_proc request body BUFFERED, response body STREAMED
     override-host  STATIC pool + override_host policy walking a fallback list on retries
     direct         no picker: Envoy's own ROUND_ROBIN or LEAST_REQUEST over the pool (baselines)
@@ -32,7 +34,7 @@ from epp_lab.procs import Child, ProcessError
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "envoy"
 """The repository's `envoy/` (this file is lab/epp_lab/envoy_launcher.py in a checkout: the lab is installed
 in development mode, never from a wheel without the repository)."""
-SHAPES = ("gateway", "buffered", "override-host", "direct")
+SHAPES = ("gateway", "ai-gateway", "buffered", "override-host", "direct")
 _TLS_CONTEXT_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 
@@ -67,6 +69,8 @@ class EnvoyOptions:
     extra_http_filters: list[dict[str, Any]] = field(default_factory=list)  # inserted before ext_proc
     # Merged into the ext_proc filter's processing_mode, e.g. {"response_body_mode": "NONE"}.
     processing_mode: dict[str, str] = field(default_factory=dict)
+    # Merged into the ext_proc filter's own config, e.g. {"allow_mode_override": True}.
+    extproc: dict[str, Any] = field(default_factory=dict)
     concurrency: int = 1
     log_level: str = "warning"
 
@@ -98,10 +102,10 @@ def render(options: EnvoyOptions) -> dict[str, Any]:
     config: dict[str, Any] = yaml.safe_load(text)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     filters = hcm["http_filters"]
-    if options.processing_mode:
-        for f in filters:
-            if f["name"] == "envoy.filters.http.ext_proc":
-                f["typed_config"]["processing_mode"].update(options.processing_mode)
+    for f in filters:
+        if f["name"] == "envoy.filters.http.ext_proc":
+            f["typed_config"]["processing_mode"].update(options.processing_mode)
+            f["typed_config"].update(options.extproc)
     if options.extra_http_filters:
         at = next(
             (i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.ext_proc"), len(filters) - 1

@@ -89,9 +89,20 @@ def make_director(addresses: list[str] | None = None, **overrides: Any) -> Direc
     return Director(config, pool, scheduler)
 
 
+class DecodedStream(RequestStream):
+    """A RequestStream whose replies are all messages: the servicer sends some already serialized (the
+    echoed response chunks); tests read them back as messages."""
+
+    def handle(self, message: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:  # type: ignore[override]
+        return [
+            pb.ProcessingResponse.FromString(r) if isinstance(r, bytes) else r
+            for r in super().handle(message)
+        ]
+
+
 def make_stream(director: Director | None = None) -> RequestStream:
     director = director or make_director()
-    return RequestStream(director, director.config.limits)
+    return DecodedStream(director, director.config.limits, director.config.response)
 
 
 def header_values(mutation: pb.HeaderMutation) -> dict[str, str]:

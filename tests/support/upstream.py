@@ -43,9 +43,12 @@ class Upstream:
     """Serves POST anything: JSON `{"upstream": "ip:port", "model", "body_bytes", "headers"}` or, with
     `"stream": true`, `sse_events` SSE events numbered 0.. then `[DONE]`. Records every request."""
 
-    def __init__(self, sse_events: int = 5, status: int = 200) -> None:
+    def __init__(self, sse_events: int = 5, status: int = 200, hold_after_first: bool = False) -> None:
         self.metrics = Metrics()
         self.sse_events = sse_events
+        # Streams send their first event, then wait for `release` (so the rest cannot arrive with it).
+        self.hold_after_first = hold_after_first
+        self.release = asyncio.Event()
         self.status = status
         self.requests: list[dict[str, Any]] = []
         self.hits = asyncio.Event()
@@ -103,6 +106,8 @@ class Upstream:
             await response.prepare(request)
             for i in range(self.sse_events):
                 await response.write(f"data: {json.dumps({'index': i, **info})}\n\n".encode())
+                if i == 0 and self.hold_after_first:
+                    await self.release.wait()
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response

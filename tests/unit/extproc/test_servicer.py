@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import orjson
 import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from support.extproc import (
     BUFFERED,
     DUPLEX,
@@ -21,13 +22,19 @@ from support.extproc import (
     response_trailers,
 )
 
+from epp.extproc import messages as msg
 from epp.extproc.servicer import ExtProcServicer
 
 CHAT = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]})
 
 
+def decoded(reply):
+    """The servicer sends echoed response chunks already serialized; read them back as messages."""
+    return pb.ProcessingResponse.FromString(reply) if isinstance(reply, bytes) else reply
+
+
 def kinds(replies) -> list[str]:
-    return [r.WhichOneof("response") for r in replies]
+    return [decoded(r).WhichOneof("response") for r in replies]
 
 
 def streamed_chunks(replies) -> list[tuple[bytes, bool]]:
@@ -353,3 +360,119 @@ async def test_prefix_index_learns_the_pick_after_the_reply_is_sent() -> None:
         entries_at_reply.append(index.entries("10.0.0.1:8000"))
     assert entries_at_reply[0] == 0  # the decision left before learning
     assert index.entries("10.0.0.1:8000") > 0  # and the index learned right after
+
+
+# -- response side: how far the picker follows a response -----------------------------------------------
+
+STREAMED, NONE_MODE = 1, 0  # ProcessingMode.BodySendMode values
+
+
+def decided_stream(director=None, response_mode: int = STREAMED):
+    director = director or make_director(addresses=["10.0.0.1:8000"])
+    stream = make_stream(director)
+    stream.handle(request_headers(response_mode=response_mode))
+    stream.handle(request_body(CHAT, True))
+    stream.dispatched()
+    return director, stream
+
+
+def test_streamed_response_first_byte_mode_stops_after_the_first_chunk() -> None:
+    director, stream = decided_stream()
+    endpoint = director.pool.get("10.0.0.1:8000")
+    decision = stream.decision
+    assert kinds(stream.handle(response_headers(200))) == ["response_headers"]
+    assert endpoint.inflight_requests == 1 and not stream.done
+    replies = stream.handle(response_body(b"data: 1\n\n", False))
+    assert kinds(replies) == ["response_body"] and not decoded(replies[0]).response_body.HasField("response")
+    # The first chunk was seen (time to first token), the picker stops following: released, done.
+    assert decision.first_byte and stream.done
+    assert endpoint.inflight_requests == 0 and stream.decision is None
+
+
+def test_full_follow_mode_keeps_acknowledging_to_the_end() -> None:
+    director, stream = decided_stream(make_director(addresses=["10.0.0.1:8000"], response={"follow": "full"}))
+    endpoint = director.pool.get("10.0.0.1:8000")
+    stream.handle(response_headers(200))
+    for i in range(5):
+        assert kinds(stream.handle(response_body(b"data: %d\n\n" % i, False))) == ["response_body"]
+        assert not stream.done and endpoint.inflight_requests == 1
+    stream.handle(response_body(b"data: [DONE]\n\n", True))
+    assert endpoint.inflight_requests == 0 and not stream.done  # ended by Envoy, not by the picker
+
+
+def test_every_nth_request_is_followed_to_the_end_in_first_byte_mode() -> None:
+    director = make_director(addresses=["10.0.0.1:8000"], response={"full_sample_every": 3})
+    done = []
+    for _ in range(6):
+        _, stream = decided_stream(director)
+        stream.handle(response_headers(200))
+        stream.handle(response_body(b"data: 1\n\n", False))
+        done.append(stream.done)
+        stream.close()
+    assert done == [True, True, False, True, True, False]
+
+
+def test_full_duplex_response_is_always_echoed_to_the_end() -> None:
+    director, stream = decided_stream(response_mode=DUPLEX)
+    stream.handle(response_headers(200))
+    for i in range(3):
+        (reply,) = stream.handle(response_body(b"data: %d\n\n" % i, False))
+        assert (
+            decoded(reply).response_body.response.body_mutation.streamed_response.body == b"data: %d\n\n" % i
+        )
+        assert not stream.done  # never stops early: Envoy would lose the chunks it handed over
+    assert director.pool.get("10.0.0.1:8000").inflight_requests == 1
+
+
+def test_buffered_response_is_asked_to_stream_unless_disabled() -> None:
+    _, stream = decided_stream(response_mode=BUFFERED)
+    (reply,) = stream.handle(response_headers(200))
+    assert decoded(reply).mode_override.response_body_mode == STREAMED
+    director = make_director(addresses=["10.0.0.1:8000"], response={"streamed_override": False})
+    _, stream = decided_stream(director, response_mode=BUFFERED)
+    (reply,) = stream.handle(response_headers(200))
+    assert not decoded(reply).HasField("mode_override")
+
+
+def test_response_headers_only_mode_releases_at_the_stream_end() -> None:
+    director, stream = decided_stream(response_mode=NONE_MODE)
+    endpoint = director.pool.get("10.0.0.1:8000")
+    stream.handle(response_headers(200))
+    assert endpoint.inflight_requests == 1  # no body comes: the end of the stream is the signal
+    stream.handle(response_trailers())
+    assert endpoint.inflight_requests == 0
+
+
+async def test_servicer_ends_the_grpc_stream_after_the_first_chunk_without_reading_on() -> None:
+    director = make_director(addresses=["10.0.0.1:8000"])
+    servicer = ExtProcServicer(director, director.config.limits, director.config.response)
+    consumed = []
+
+    async def envoy():
+        script = [
+            request_headers(response_mode=STREAMED),
+            request_body(CHAT, True),
+            response_headers(200),
+            response_body(b"data: 0\n\n", False),
+            response_body(b"data: 1\n\n", False),
+            response_body(b"data: [DONE]\n\n", True),
+        ]
+        for message in script:
+            consumed.append(message.WhichOneof("request"))
+            yield message
+
+    replies = [r async for r in servicer.Process(envoy(), None)]
+    assert kinds(replies) == ["request_headers", "request_body", "response_headers", "response_body"]
+    assert consumed.count("response_body") == 1  # the rest was never asked for
+    assert (servicer.streams, servicer.stopped_early, servicer.active_streams) == (1, 1, 0)
+    assert director.pool.get("10.0.0.1:8000").inflight_requests == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16383, 16384, 62_000, 70_000])
+@pytest.mark.parametrize("end_of_stream", [False, True])
+def test_pre_serialized_echo_is_the_protobuf_encoding(size: int, end_of_stream: bool) -> None:
+    chunk = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    assert (
+        msg.echo_response_body(chunk, end_of_stream)
+        == msg.streamed_response_body(chunk, end_of_stream).SerializeToString()
+    )
