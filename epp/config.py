@@ -165,7 +165,8 @@ class ModelRule(StrictModel):
 
 
 class Objective(StrictModel):
-    """Named priority, chosen per request by header `x-gateway-inference-objective`. Negative = sheddable."""
+    """Named priority, chosen per request by header `x-llm-d-inference-objective` (or the older
+    `x-gateway-inference-objective`). Negative = sheddable."""
 
     name: str = Field(min_length=1)
     priority: int = 0

@@ -168,6 +168,7 @@ class Server:
         await self._set_ready(False)
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        await self.director.close()
         for task in self._background:
             task.cancel()
         if self.discovery is not None:

@@ -30,7 +30,17 @@ from epp.datalayer.endpoints import Endpoint, EndpointPool
 from epp.errors import Rejection
 from epp.observability.metrics import RequestMetrics
 from epp.requestcontrol.admission import SaturationDetector
-from epp.requestcontrol.headers import DESTINATION, MODEL_REWRITE, OBJECTIVE, REQUEST_ID
+from epp.requestcontrol.headers import (
+    DEFAULT_FAIRNESS_ID,
+    DESTINATION,
+    FAIRNESS_ID,
+    MODEL_REWRITE,
+    OBJECTIVE,
+    REQUEST_ID,
+    SLO_TPOT_MS,
+    SLO_TTFT_MS,
+    first,
+)
 from epp.requestcontrol.parsing import parse_request
 from epp.requestcontrol.routing import ModelRouter
 from epp.scheduling.interfaces import (
@@ -117,16 +127,19 @@ class Director:
         generated = not request_id
         if generated:
             request_id = uuid.uuid4().hex
-        priority = self.router.priority(headers.get(OBJECTIVE))
+        priority = self.router.priority(first(headers, OBJECTIVE))
+        fairness_id = first(headers, FAIRNESS_ID) or DEFAULT_FAIRNESS_ID
+        slo_ttft, slo_tpot = _objective_s(headers, SLO_TTFT_MS), _objective_s(headers, SLO_TPOT_MS)
+        rewrite = first(headers, MODEL_REWRITE)
         if body is None:  # bodyless request: route by load only
-            model = headers.get(MODEL_REWRITE, "")
-            return (
-                SchedulingRequest(request_id, model, model, headers=headers, priority=priority),
-                None,
-                generated,
-            )
+            model = rewrite or ""
+            request = SchedulingRequest(
+                request_id, model, model, headers=headers, priority=priority, fairness_id=fairness_id,
+                slo_ttft_s=slo_ttft, slo_tpot_s=slo_tpot,
+            )  # fmt: skip
+            return request, None, generated
         parsed = parse_request(body, headers.get(":path", ""))
-        target = self.router.resolve(parsed.model, headers.get(MODEL_REWRITE))
+        target = self.router.resolve(parsed.model, rewrite)
         request = SchedulingRequest(
             request_id=request_id,
             model=parsed.model,
@@ -138,6 +151,10 @@ class Director:
             cache_salt=parsed.cache_salt,
             priority=priority,
             headers=headers,
+            stream=parsed.stream,
+            fairness_id=fairness_id,
+            slo_ttft_s=slo_ttft,
+            slo_tpot_s=slo_tpot,
         )
         return request, parsed.body, generated
 
@@ -260,6 +277,10 @@ class Director:
             duration = time.perf_counter() - decision.started if followed_to_end else None
             self.metrics.finished(decision.request.model, decision.request.target_model, duration, error)
 
+    async def close(self) -> None:
+        """On shutdown, after the ext_proc server stopped taking streams (requests still waiting for a
+        decision get a clear error here once flow control holds any)."""
+
     # -- dry run ----------------------------------------------------------------------------------------
 
     def explain(
@@ -288,3 +309,20 @@ class Director:
         ]
         out.candidates += result.explanation or []
         return out
+
+
+def _objective_s(headers: Mapping[str, str], names: tuple[str, ...]) -> float | None:
+    """A latency objective header in milliseconds, as seconds; a bad value is a 400 naming the header."""
+    raw = first(headers, names)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        name = next(n for n in names if n in headers)
+        raise Rejection(
+            400, "bad_request", f"header {name}: must be a positive number of milliseconds, got {raw!r}"
+        )
+    return value / 1000.0

@@ -41,6 +41,10 @@ class SchedulingRequest:
     cache_salt: str = ""
     priority: int = 0  # from the objective; < 0 is sheddable
     headers: Mapping[str, str] = field(default_factory=dict)
+    stream: bool = False  # the client asked for a streamed (SSE) response
+    fairness_id: str = "default-flow"  # the tenant, for flow control (x-llm-d-inference-fairness-id)
+    slo_ttft_s: float | None = None  # objectives from x-llm-d-slo-ttft-ms / -tpot-ms, in seconds
+    slo_tpot_s: float | None = None
 
     @property
     def estimated_tokens(self) -> int:

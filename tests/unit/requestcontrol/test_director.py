@@ -163,3 +163,47 @@ def test_explain_reports_a_rejection_instead_of_raising() -> None:
     director = make_director(POOL)
     result = director.explain(CHAT, b"{", None)
     assert result.rejection is not None and result.rejection.code == "bad_request"
+
+
+# -- request headers: current and older names --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "priority", "fairness", "target"),
+    [
+        ({"x-gateway-inference-objective": "batch"}, -1, "default-flow", "m"),
+        (
+            {"x-llm-d-inference-objective": "batch", "x-gateway-inference-objective": "chat"},
+            -1,
+            "default-flow",
+            "m",
+        ),
+        ({"x-llm-d-inference-fairness-id": "tenant-a"}, 0, "tenant-a", "m"),
+        ({"x-gateway-inference-fairness-id": "tenant-b"}, 0, "tenant-b", "m"),
+        ({"x-llm-d-model-name-rewrite": "m-v2"}, 0, "default-flow", "m-v2"),
+        ({"x-gateway-model-name-rewrite": "m-v3"}, 0, "default-flow", "m-v3"),
+    ],
+)
+def test_current_and_older_header_names_are_read(headers, priority, fairness, target) -> None:
+    director = make_director(
+        POOL, objectives=[{"name": "batch", "priority": -1}, {"name": "chat", "priority": 5}]
+    )
+    request, _, _ = director.prepare({**CHAT, **headers}, body())
+    assert (request.priority, request.fairness_id, request.target_model) == (priority, fairness, target)
+
+
+def test_latency_objectives_are_read_in_milliseconds() -> None:
+    director = make_director(POOL)
+    request, _, _ = director.prepare({**CHAT, "x-llm-d-slo-ttft-ms": "250", "x-slo-tpot-ms": "20"}, body())
+    assert (request.slo_ttft_s, request.slo_tpot_s) == (0.25, 0.02)
+    request, _, _ = director.prepare(CHAT, body())
+    assert (request.slo_ttft_s, request.slo_tpot_s) == (None, None)
+
+
+@pytest.mark.parametrize("value", ["fast", "-5", "0", "inf", "nan"])
+def test_a_bad_latency_objective_is_a_400_naming_the_header(value: str) -> None:
+    director = make_director(POOL)
+    with pytest.raises(Rejection) as info:
+        director.decide({**CHAT, "x-llm-d-slo-ttft-ms": value}, body())
+    assert (info.value.status, info.value.code) == (400, "bad_request")
+    assert "x-llm-d-slo-ttft-ms" in info.value.message
