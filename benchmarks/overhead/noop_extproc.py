@@ -12,9 +12,11 @@ Request side, by the mode Envoy announces in `protocol_config`:
                         destination header
   headers end_of_stream bodyless: answer the headers with the destination at once
 Response side passes through: headers continue, body echoed (FULL_DUPLEX) or continued (STREAMED),
-trailers continue.
+trailers continue. With `--response first-byte` it ends its stream after continuing the first response body
+chunk in STREAMED mode (as `epp`'s default `response.follow: first-byte`): the floor of that path.
 
     python -m benchmarks.overhead.noop_extproc --destination 127.0.0.1:8100 [--port 0] [--ready-file F]
+        [--response full|first-byte]
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def _streamed(chunk: bytes, end_of_stream: bool, response_side: bool) -> pb.Proc
 
 
 class NoopServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, destination: str) -> None:
+    def __init__(self, destination: str, first_byte: bool = False) -> None:
+        self.first_byte = first_byte
         mutation = pb.HeaderMutation(
             set_headers=[
                 HeaderValueOption(
@@ -137,15 +140,17 @@ class NoopServicer(pb_grpc.ExternalProcessorServicer):
                     yield _streamed(body.body, body.end_of_stream, True)
                 else:
                     yield self.response_body_continue
+                    if self.first_byte:
+                        return
             elif kind == "response_trailers":
                 yield self.response_trailers_continue
 
 
-async def serve(host: str, port: int, destination: str, ready_file: str | None) -> None:
+async def serve(host: str, port: int, destination: str, ready_file: str | None, first_byte: bool) -> None:
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)]
     )
-    pb_grpc.add_ExternalProcessorServicer_to_server(NoopServicer(destination), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(NoopServicer(destination, first_byte), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     if ready_file:
@@ -168,11 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="ext_proc port (0 = any free port)")
     parser.add_argument("--ready-file", help='write {"extproc": port} here once serving')
+    parser.add_argument(
+        "--response", choices=["full", "first-byte"], default="full",
+        help="follow responses to the end, or stop after the first STREAMED body chunk",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     import uvloop
 
     uvloop.install()
-    asyncio.run(serve(args.host, args.port, args.destination, args.ready_file))
+    asyncio.run(serve(args.host, args.port, args.destination, args.ready_file, args.response == "first-byte"))
 
 
 if __name__ == "__main__":

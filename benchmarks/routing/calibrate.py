@@ -69,14 +69,20 @@ def simulate(
     router: Router = round_robin,
 ) -> VirtualResult:
     """Run `requests` (at `arrivals`, default their own offsets) through a virtual fleet shaped by `fleet`
-    (the keys of `FLEETS` in workloads.py: replicas, profile, num_gpu_blocks, max_num_seqs, max_lora)."""
-    config = EngineConfig(
-        profile=get_profile(fleet.get("profile", DEFAULT_PROFILE)),
-        num_gpu_blocks=fleet.get("num_gpu_blocks"),
-        max_num_seqs=fleet.get("max_num_seqs"),
-        max_lora=fleet.get("max_lora", 4),
-    )
-    engines = [Engine(config) for _ in range(fleet.get("replicas", 4))]
+    (the keys of a workload's `fleet` in workloads.py: replicas, profile or one profile per replica
+    (`profiles`), num_gpu_blocks, max_num_seqs, max_lora)."""
+    profiles = fleet.get("profiles") or [fleet.get("profile", DEFAULT_PROFILE)] * fleet.get("replicas", 4)
+    engines = [
+        Engine(
+            EngineConfig(
+                profile=get_profile(profile),
+                num_gpu_blocks=fleet.get("num_gpu_blocks"),
+                max_num_seqs=fleet.get("max_num_seqs"),
+                max_lora=fleet.get("max_lora", 4),
+            )
+        )
+        for profile in profiles
+    ]
     base_model = fleet.get("model", DEFAULT_MODEL)
     sims = [to_sim_request(i, r, base_model) for i, r in enumerate(requests)]
     times = list(arrivals) if arrivals is not None else [r.at for r in requests]

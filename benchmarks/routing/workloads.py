@@ -1,4 +1,4 @@
-"""The four workloads of the routing benchmark and the simulated fleet each runs on.
+"""The workloads of the routing benchmark and the simulated fleet each runs on.
 
 Request sequences come from `epp_lab.loadgen.workloads` (deterministic given the seed; Poisson arrivals at the
 requested QPS); this module only fixes their shapes and sizes the fleet so that routing matters:
@@ -16,6 +16,19 @@ requested QPS); this module only fixes their shapes and sizes the fleet so that 
   adapter cannot get a slot waits (vLLM's behaviour).
 * no-sharing: unrelated prompts of 1,000-4,000 tokens (uniform), 128 output tokens, 1,200 blocks per replica:
   nothing to gain from affinity; the picker must balance load as well as least-request does.
+
+Held out (the default weights were not tuned on these; `epp-latency` was developed on the virtual lab with
+them, see routing.md):
+
+* rag: a 300-token shared system prompt + the top-4 of a 200-document corpus (400 tokens each, Zipf 1.1
+  popularity, most relevant first) + a 60-token question, 128 output tokens; 2,000 blocks per replica. Little
+  is shared beyond the system prompt: locality buys little and an imbalance costs.
+* bursty: the shared-prefix shape with on/off arrivals at 1.8x and 0.2x the mean rate, 40 arrivals per phase:
+  scraped metrics lag the bursts.
+* mixed-length: 80 % short chats (100-300 tokens, 64 out) and 20 % long documents (3,000-9,000 tokens, 256
+  out), unrelated; 2,000 blocks per replica.
+* hetero: the mixed-length requests on a heterogeneous fleet: two H100 replicas and two A100 replicas (about
+  half the speed): a balancer that assumes equal replicas overloads the slow ones.
 
 Every fleet: 4 replicas of the `h100-llama3-8b` profile, run at a time scale (`TIME_SCALE`) faster than real
 time so that a run of a few hundred requests fits the quick mode's budget, and SSE tokens grouped by
@@ -113,6 +126,60 @@ WORKLOADS: dict[str, Workload] = {
             params={"adapters": len(LORA_ADAPTERS), "prompt_tokens": 1000, "output_tokens": 128},
             fleet={"replicas": REPLICAS, "profile": PROFILE, "max_lora": 4, "lora_adapters": LORA_ADAPTERS},
             count=200,
+        ),
+        Workload(
+            name="rag",
+            generator="rag",
+            params={
+                "documents": 200,
+                "top_k": 4,
+                "doc_tokens": 400,
+                "system_tokens": 300,
+                "question_tokens": 60,
+                "output_tokens": 128,
+                "model": DEFAULT_MODEL,
+            },
+            fleet={"replicas": REPLICAS, "profile": PROFILE, "num_gpu_blocks": 2000},
+            count=300,
+            tags=("held-out",),
+        ),
+        Workload(
+            name="bursty",
+            generator="bursty",
+            params={
+                "groups": 16,
+                "users": 8,
+                "system_tokens": 3000,
+                "question_tokens": 150,
+                "output_tokens": 128,
+                "on": 1.8,
+                "off": 0.2,
+                "phase_requests": 40,
+                "model": DEFAULT_MODEL,
+            },
+            fleet={"replicas": REPLICAS, "profile": PROFILE, "num_gpu_blocks": 1200},
+            count=400,
+            tags=("held-out",),
+        ),
+        Workload(
+            name="mixed-length",
+            generator="mixed-length",
+            params={"short_tokens": 200, "long_tokens": 6000, "long_share": 0.2, "model": DEFAULT_MODEL},
+            fleet={"replicas": REPLICAS, "profile": PROFILE, "num_gpu_blocks": 2000},
+            count=300,
+            tags=("held-out",),
+        ),
+        Workload(
+            name="hetero",
+            generator="mixed-length",
+            params={"short_tokens": 200, "long_tokens": 6000, "long_share": 0.2, "model": DEFAULT_MODEL},
+            fleet={
+                "replicas": REPLICAS,
+                "profiles": ["h100-llama3-8b", "h100-llama3-8b", "a100-llama3-8b", "a100-llama3-8b"],
+                "num_gpu_blocks": 2000,
+            },
+            count=300,
+            tags=("held-out", "heterogeneous"),
         ),
         Workload(
             name="no-sharing",

@@ -10,6 +10,12 @@ All requests stream (SSE) with `stream_options.include_usage` so clients can rea
 * multi-lora: requests spread over `adapters` LoRA adapters with tiered popularity (60/30/10 % over the
   top 20 % / next 30 % / rest), short unshared prompts.
 * no-sharing: unrelated prompts of varied length (uniform between Q/2 and 2Q tokens).
+* rag: retrieval-augmented generation: one short shared system prompt, then the top-k documents retrieved for
+  the question, drawn from a corpus of D documents with Zipf popularity (a few are retrieved often, most
+  rarely; the most relevant first), then the question. Little is shared beyond the system prompt.
+* bursty: the shared-prefix shape with on/off arrivals: phases alternate between `on` × and `off` × the
+  mean rate (default 1.8 and 0.2), each phase lasting `phase_requests` mean-rate arrivals.
+* mixed-length: short chats and long documents together (a `long_share` of the requests), unrelated prompts.
 """
 
 from __future__ import annotations
@@ -182,9 +188,95 @@ def no_sharing(
     return out
 
 
+def rag(
+    *, qps: float, count: int, documents: int = 200, top_k: int = 4, doc_tokens: int = 400,
+    system_tokens: int = 300, question_tokens: int = 60, output_tokens: int = 128, zipf: float = 1.1,
+    model: str = DEFAULT_MODEL, seed: int = 0,
+) -> list[Request]:  # fmt: skip
+    rng = random.Random(seed)
+    system = text(rng, system_tokens, "[rag assistant]")
+    corpus = [text(random.Random(seed * 7919 + d), doc_tokens, f"[doc {d}]") for d in range(documents)]
+    weights = [1.0 / (d + 1) ** zipf for d in range(documents)]
+    out = []
+    for i, at in enumerate(_arrivals(rng, count, qps)):
+        picked: list[int] = []
+        while len(picked) < min(top_k, documents):
+            d = rng.choices(range(documents), weights)[0]
+            if d not in picked:
+                picked.append(d)  # in retrieval order: the most relevant first
+        context = "\n\n".join(corpus[d] for d in picked)
+        question = text(rng, question_tokens, f"[question {i}]")
+        messages = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"},
+        ]
+        out.append(
+            Request(
+                at, "/v1/chat/completions", _chat(model, messages, output_tokens), {"top": str(picked[0])}
+            )
+        )
+    return out
+
+
+def _on_off_arrivals(
+    rng: random.Random, count: int, qps: float, on: float, off: float, phase_requests: int
+) -> list[float]:
+    """Poisson arrivals whose rate alternates between on × qps and off × qps; each phase lasts
+    phase_requests / qps seconds (so the mean rate is (on + off) / 2 × qps)."""
+    phase = phase_requests / qps
+    index, now = 0, 0.0
+    out: list[float] = []
+    while len(out) < count:
+        rate = (on if index % 2 == 0 else off) * qps
+        step = rng.expovariate(rate)
+        boundary = (index + 1) * phase
+        if now + step > boundary:  # memoryless: restart the draw at the phase boundary with the new rate
+            index += 1
+            now = boundary
+            continue
+        now += step
+        out.append(now)
+    return out
+
+
+def bursty(
+    *, qps: float, count: int, groups: int = 16, users: int = 8, system_tokens: int = 3000,
+    question_tokens: int = 150, output_tokens: int = 128, on: float = 1.8, off: float = 0.2,
+    phase_requests: int = 40, model: str = DEFAULT_MODEL, seed: int = 0,
+) -> list[Request]:  # fmt: skip
+    shaped = shared_prefix(
+        qps=qps, count=count, groups=groups, users=users, system_tokens=system_tokens,
+        question_tokens=question_tokens, output_tokens=output_tokens, model=model, seed=seed,
+    )  # fmt: skip
+    times = _on_off_arrivals(random.Random(seed + 1), count, qps, on, off, phase_requests)
+    return [Request(at, r.path, r.body, r.tags) for at, r in zip(times, shaped, strict=True)]
+
+
+def mixed_length(
+    *, qps: float, count: int, short_tokens: int = 200, long_tokens: int = 6000, long_share: float = 0.2,
+    short_output: int = 64, long_output: int = 256, model: str = DEFAULT_MODEL, seed: int = 0,
+) -> list[Request]:  # fmt: skip
+    rng = random.Random(seed)
+    out = []
+    for i, at in enumerate(_arrivals(rng, count, qps)):
+        long = rng.random() < long_share
+        tokens = rng.randint(long_tokens // 2, long_tokens * 3 // 2) if long else rng.randint(
+            short_tokens // 2, short_tokens * 3 // 2)  # fmt: skip
+        body = _chat(
+            model,
+            [{"role": "user", "content": text(rng, tokens, f"[r{i}]")}],
+            long_output if long else short_output,
+        )
+        out.append(Request(at, "/v1/chat/completions", body, {"kind": "long" if long else "short"}))
+    return out
+
+
 WORKLOADS = {
     "shared-prefix": shared_prefix,
     "multi-turn": multi_turn,
     "multi-lora": multi_lora,
     "no-sharing": no_sharing,
+    "rag": rag,
+    "bursty": bursty,
+    "mixed-length": mixed_length,
 }

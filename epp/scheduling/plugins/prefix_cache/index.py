@@ -260,6 +260,11 @@ class PrefixIndex:
         state = self._endpoints.get(address)
         return 0 if state is None else len(state.lru)
 
+    def room(self, address: str) -> int | None:
+        """Blocks `address` can take before it evicts (capacity - entries); None if unknown."""
+        state = self._endpoints.get(address)
+        return None if state is None else state.capacity - len(state.lru)
+
     def stats(self) -> PrefixIndexStats:
         """Sizes, a memory estimate and the match counters.
 

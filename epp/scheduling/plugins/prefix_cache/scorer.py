@@ -96,14 +96,29 @@ class PrefixCacheScorer:
             )
         return mine  # type: ignore[no-any-return]
 
+    @property
+    def block_tokens(self) -> float:
+        """Prompt tokens per index block (64 characters / 4 characters per token = 16)."""
+        return self.block_chars / CHARS_PER_TOKEN
+
+    def matched_blocks(
+        self, request: SchedulingRequest, state: CycleState, candidates: Sequence[Endpoint]
+    ) -> list[int]:
+        """Leading prompt blocks each candidate is believed to hold (kept in the request's state)."""
+        mine = self._state(request, state)
+        if not mine.hashes:
+            mine.matches = [0] * len(candidates)
+        else:
+            mine.matches = self.index.match(mine.hashes, [e.address for e in candidates])
+        return mine.matches
+
     def score(
         self, request: SchedulingRequest, state: CycleState, candidates: Sequence[Endpoint]
     ) -> list[float]:
-        mine = self._state(request, state)
-        hashes = mine.hashes
+        hashes = self._state(request, state).hashes
         if not hashes:
             return [0.0] * len(candidates)
-        matches = mine.matches = self.index.match(hashes, [e.address for e in candidates])
+        matches = self.matched_blocks(request, state, candidates)
         total = len(hashes)
         scores = [m / total for m in matches]
         if self.load_gap > 0 and any(scores):

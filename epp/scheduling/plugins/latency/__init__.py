@@ -1,0 +1,1 @@
+"""Scorer `latency`: predicted time to first token (`scorer`), from an online per-endpoint model (`model`)."""
