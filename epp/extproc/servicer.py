@@ -14,14 +14,22 @@ Response side, by the response body mode Envoy announces (the picker never chang
 * FULL_DUPLEX_STREAMED: every chunk must be echoed (`streamed_response`, pre-serialized: the per-token cost);
   the stream is followed to its end.
 * STREAMED (and BUFFERED, asked to become STREAMED with `mode_override`): chunks are acknowledged; with
-  `response.follow: first-byte` the picker ends its gRPC stream after acknowledging the first chunk, and Envoy
-  passes the rest of the response through without it (safe in these modes: Envoy keeps the chunks; never in
-  FULL_DUPLEX_STREAMED, where it would lose them).
+  `response.follow: first-byte` the picker ends its gRPC stream when the first chunk arrives, and Envoy
+  passes that chunk and the rest of the response through without it (safe in these modes: Envoy keeps the
+  chunks; never in FULL_DUPLEX_STREAMED, where it would lose them).
 * NONE: only the response headers (and trailers, if sent) reach the picker.
 
 The first response body chunk is reported to the director (time to first token); the picker's end of
 following the request (response done, stopped early, client gone, or Envoy cancelling) is reported exactly
 once (`Director.finished` releases the in-flight count).
+
+Flow control may hold a request at the decision (the pool is saturated): `handle` then returns a `Wait`
+instead of replies. The servicer sends its `interim` replies (BUFFERED, with `flow_control.
+extend_message_timeout`: `override_message_timeout`, since Envoy's `message_timeout` bounds the reply to a
+buffered body; without it the wait is capped below that timeout), awaits `ready` (the held request's outcome;
+nothing else is raced: when Envoy resets the stream, grpc cancels `Process` and `close` frees the queue slot
+at once), then sends `stream.resume()`: the decision replies, or the rejection, in the order they would have
+had at once. In FULL_DUPLEX_STREAMED mode Envoy puts no deadline on the reply; the flow-control TTL does.
 
 `RequestStream.handle` is synchronous and pure wire logic, so unit tests drive it with scripted messages.
 """
@@ -29,7 +37,7 @@ once (`Director.finished` releases the in-flight count).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import grpc
@@ -40,6 +48,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from epp.config import LimitsConfig, ResponseConfig
 from epp.errors import Rejection
 from epp.extproc import messages as msg
+from epp.flowcontrol.queues import QueuedRequest
 from epp.requestcontrol.director import Decision, Director
 from epp.requestcontrol.headers import REQUEST_ID
 
@@ -78,6 +87,20 @@ def _served_endpoint(metadata: Any) -> str | None:
     return value.string_value.split(",")[0].strip()
 
 
+class Wait:
+    """`RequestStream.handle`'s answer while flow control holds the request: send `interim`, await `ready`,
+    then send `RequestStream.resume()`."""
+
+    __slots__ = ("interim", "ready")
+
+    def __init__(self, ready: Awaitable[None], interim: tuple[pb.ProcessingResponse, ...] = ()) -> None:
+        self.ready = ready
+        self.interim = interim
+
+
+Replies = tuple[pb.ProcessingResponse, ...] | list[pb.ProcessingResponse]
+
+
 class RequestStream:
     """State of one ext_proc stream (one HTTP request)."""
 
@@ -86,6 +109,7 @@ class RequestStream:
         "_body_size",
         "_decided",
         "_duplex",
+        "_held",
         "_response_mode",
         "_status",
         "_streamed_override",
@@ -115,11 +139,11 @@ class RequestStream:
         self._decided = False
         self._undispatched: Decision | None = None  # decided; the reply has not been sent yet
         self._status = 0  # upstream :status once seen; 0 = none (yet)
+        # Held by flow control: (ticket, body, headers_reply, end_of_stream, trailers) until `resume`.
+        self._held: tuple[QueuedRequest, bytes | None, bool, bool, bool] | None = None
 
     # -- dispatch ---------------------------------------------------------------------------------------
-    def handle(
-        self, message: pb.ProcessingRequest
-    ) -> tuple[pb.ProcessingResponse, ...] | list[pb.ProcessingResponse]:
+    def handle(self, message: pb.ProcessingRequest) -> Replies | Wait:
         if self._undispatched is not None:
             self.dispatched()
         kind = message.WhichOneof("request")
@@ -180,23 +204,50 @@ class RequestStream:
 
     def _on_request_trailers(self) -> Any:
         if self._duplex and not self._decided:
-            replies = list(self._decide(body=b"".join(self._body), headers_reply=True, end_of_stream=False))
-            if replies and replies[0].HasField("immediate_response"):
-                return replies
-            replies.append(msg.REQUEST_TRAILERS_CONTINUE)
-            return replies
+            return self._decide(
+                body=b"".join(self._body), headers_reply=True, end_of_stream=False, trailers=True
+            )
         return (msg.REQUEST_TRAILERS_CONTINUE,)
 
-    def _decide(self, body: bytes | None, headers_reply: bool, end_of_stream: bool) -> Any:
+    def _decide(
+        self, body: bytes | None, headers_reply: bool, end_of_stream: bool, trailers: bool = False
+    ) -> Replies | Wait:
         self._decided = True
         self._body = []
+        timed = not self._duplex  # Envoy's message_timeout bounds the reply (BUFFERED, or headers-only)
         try:
-            decision = self.director.decide(self.headers, body, self.subset)
+            outcome = self.director.decide(self.headers, body, self.subset, timed=timed)
         except Rejection as rejection:
             return self._reject(rejection)
         except Exception:  # our bug: answer 500 for this request only, keep serving the others
             log.exception("ext_proc: internal error while deciding request %s", self.headers.get(REQUEST_ID))
             return self._reject(Rejection(500, "internal_error", "internal error in the endpoint picker"))
+        if outcome.__class__ is not Decision:  # held by flow control
+            assert isinstance(outcome, QueuedRequest)
+            self._held = (outcome, body, headers_reply, end_of_stream, trailers)
+            extend = timed and self.director.extend_message_timeout
+            interim = (msg.override_message_timeout(outcome.ttl + 1.0),) if extend else ()
+            return Wait(outcome.ready, interim)
+        assert isinstance(outcome, Decision)
+        return self._decision_replies(outcome, body, headers_reply, end_of_stream, trailers)
+
+    def resume(self) -> Replies:
+        """The replies of a held request once its `Wait` is over: the decision, or the rejection."""
+        held, self._held = self._held, None
+        assert held is not None, "resume without a held request"
+        item, body, headers_reply, end_of_stream, trailers = held
+        try:
+            decision = self.director.resume(item)
+        except Rejection as rejection:
+            return self._reject(rejection)
+        except Exception:
+            log.exception("ext_proc: internal error while resuming request %s", self.headers.get(REQUEST_ID))
+            return self._reject(Rejection(500, "internal_error", "internal error in the endpoint picker"))
+        return self._decision_replies(decision, body, headers_reply, end_of_stream, trailers)
+
+    def _decision_replies(
+        self, decision: Decision, body: bytes | None, headers_reply: bool, end_of_stream: bool, trailers: bool
+    ) -> Replies:
         self.decision = self._undispatched = decision
         headers = decision.response_headers()
         if body is None:  # bodyless
@@ -205,6 +256,8 @@ class RequestStream:
             out = [msg.decision_headers_response(headers, decision.destination)]
             new_body = decision.new_body if decision.new_body is not None else body
             out.extend(msg.streamed_request_body(new_body, self.limits.body_chunk_bytes, end_of_stream))
+            if trailers:
+                out.append(msg.REQUEST_TRAILERS_CONTINUE)
             return out
         return (msg.decision_body_response(headers, decision.destination, decision.new_body),)
 
@@ -244,9 +297,13 @@ class RequestStream:
         if end_of_stream:
             self.close()
         elif decision is None or not decision.follow_to_end:
-            # Enough: Envoy passes the rest of the response through without the picker.
+            # Enough: end the stream without answering this chunk. In STREAMED mode Envoy keeps the chunks
+            # it handed over and passes them, and the rest of the response, through without the picker
+            # (tested through Envoy, also with chunks arriving back to back); not answering first saves the
+            # round trip that would hold the next token back.
             self.close(followed_to_end=False)
             self.done = True
+            return _NO_RESPONSES
         return (msg.RESPONSE_BODY_CONTINUE,)
 
     # -- end --------------------------------------------------------------------------------------------
@@ -260,7 +317,11 @@ class RequestStream:
 
     def close(self, followed_to_end: bool = True) -> None:
         """Idempotent: the picker stops following the request; release the in-flight count, record the
-        outcome."""
+        outcome. A request still held by flow control (the client went away) leaves the queue at once."""
+        if self._held is not None:
+            item = self._held[0]
+            self._held = None
+            self.director.abandon(item)
         self.dispatched()
         decision = self.decision
         if decision is not None:
@@ -306,7 +367,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         try:
             async for message in request_iterator:
                 self.messages += 1
-                for reply in stream.handle(message):
+                replies = stream.handle(message)
+                if replies.__class__ is Wait:  # held by flow control
+                    assert isinstance(replies, Wait)
+                    for reply in replies.interim:
+                        yield reply
+                    await replies.ready  # cancelled by grpc if Envoy resets the stream
+                    replies = stream.resume()
+                for reply in replies:  # type: ignore[union-attr]
                     yield reply
                 stream.dispatched()
                 if stream.done:
