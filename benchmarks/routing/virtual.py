@@ -163,6 +163,7 @@ class Picker(Policy):
             running_loras=frozenset(engine.running_loras()),
             waiting_loras=frozenset(engine.waiting_loras()),
             max_lora=engine.max_lora,
+            served_models=SERVED,
             block_size=16,
             num_blocks=engine.num_gpu_blocks,
             updated_at=now if now > 0 else 1e-9,
@@ -175,6 +176,9 @@ class Picker(Policy):
         endpoint.release(request.estimated_tokens)  # response.follow: first-byte
         for done in self.complete:
             done.response_complete(request, state, endpoint, 200)
+
+
+SERVED = frozenset({DEFAULT_MODEL})  # the `model_name` label the simulator's metrics carry
 
 
 def policy(name: str, n: int, seed: int) -> Policy:

@@ -18,7 +18,8 @@ class MetricsSnapshot:
 
     `kv_usage` is the KV-cache fraction in use, 0..1. LoRA fields come from `vllm:lora_requests_info`
     (`max_lora` = 0 when the engine does not report LoRA). Cache shape (`block_size` tokens per block and
-    `num_blocks`) is 0 when the server does not export it.
+    `num_blocks`) is 0 when the server does not export it. `served_models`: the `model_name` labels of its
+    running-requests series, i.e. the base model names it serves (empty when it does not label them).
     """
 
     waiting: float = 0.0
@@ -27,6 +28,7 @@ class MetricsSnapshot:
     running_loras: frozenset[str] = frozenset()
     waiting_loras: frozenset[str] = frozenset()
     max_lora: int = 0
+    served_models: frozenset[str] = frozenset()
     block_size: int = 0
     num_blocks: int = 0
     updated_at: float = 0.0

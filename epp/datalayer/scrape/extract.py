@@ -18,6 +18,8 @@ export one series per `model_name`, per LoRA or per data-parallel rank):
   first, so max never hides a nearly full cache from the saturation check, whereas a mean would.
 - cache shape (block size, number of blocks): max over series (duplicates are common; a sum would count
   one cache several times).
+- served models: the `model_name` label values of the running-requests series (vLLM and SGLang label
+  every series with the served base model; LoRA adapters are not among them).
 - vLLM LoRA (`vllm:lora_requests_info`): the value is a timestamp; the series with the largest value is
   current. Adapters are comma-separated label values (empty string = none).
 
@@ -224,6 +226,9 @@ def _read(page: _Page, engine: EngineMetrics) -> MetricsSnapshot:
         waiting=page.total(engine.waiting),
         running=page.total(engine.running),
         kv_usage=min(1.0, max(0.0, page.highest(engine.kv_usage, required=True))),
+        served_models=frozenset(
+            name for labels, _ in page.samples(engine.running) if (name := labels.get("model_name"))
+        ),
     )
     if engine.block_size is not None:
         m.block_size = int(page.highest((engine.block_size,), required=False))

@@ -155,6 +155,13 @@ def test_vllm_optional_metrics_absent() -> None:
     assert (result.metrics.waiting, result.metrics.running, result.metrics.kv_usage) == (2.0, 3.0, 0.5)
     assert (result.metrics.max_lora, result.metrics.block_size, result.metrics.num_blocks) == (0, 0, 0)
     assert result.metrics.running_loras == frozenset()
+    assert result.metrics.served_models == {"m"}  # the model_name label: the base model served
+
+
+def test_served_models_are_the_running_series_model_names() -> None:
+    assert parse_metrics(SGLANG_PAGE, "sglang").metrics.served_models == {"qwen", "qwen-lora"}
+    unlabelled = "vllm:num_requests_waiting 0\nvllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.1\n"
+    assert parse_metrics(unlabelled, "vllm").metrics.served_models == frozenset()
 
 
 def test_vllm_cache_config_with_unprofiled_blocks() -> None:

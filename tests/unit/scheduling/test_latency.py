@@ -46,10 +46,16 @@ def request(prompt: str, *, stream: bool = True, **fields: object) -> Scheduling
 def test_model_learns_each_endpoints_rates_and_shrugs_off_outliers() -> None:
     rng = random.Random(1)
     model = LatencyModel()
-    truth = {"fast": (0.03, 0.12, 0.004, 0.03, 0.2), "slow": (0.045, 0.3, 0.008, 0.045, 0.4)}
+    truth = {"fast": (0.03, 0.12, 0.004, 0.03, 0.2, 1.0), "slow": (0.045, 0.3, 0.008, 0.045, 0.4, 1.5)}
     for _ in range(800):
         address = rng.choice(list(truth))
-        x = features(rng.uniform(0, 8000), rng.randint(0, 60), rng.random() < 0.1, rng.uniform(0.5, 1.1))
+        x = features(
+            rng.uniform(0, 8000),
+            rng.randint(0, 60),
+            rng.random() < 0.1,
+            rng.uniform(0.5, 1.1),
+            rng.random() < 0.05,
+        )
         y = sum(t * v for t, v in zip(truth[address], x, strict=True)) + rng.gauss(0, 0.01)
         if rng.random() < 0.02:
             y += 2.0  # a stalled request
@@ -122,6 +128,51 @@ def test_an_adapter_that_must_be_loaded_costs_its_load_time() -> None:
     scores = s.score(request(blocks("p", 4), lora_adapter="sql"), state, [warm, cold])
     assert state["latency"].ttft[1] - state["latency"].ttft[0] == pytest.approx(0.03)
     assert scores[0] > scores[1]
+
+
+def test_an_adapter_just_sent_counts_as_resident_before_the_scrape_shows_it() -> None:
+    # vLLM reports running and waiting adapters, not idle resident ones: the picker remembers what it sent.
+    s = scorer(tie_s=0.0)
+    a, b = endpoint(1, max_lora=2), endpoint(2, max_lora=2)
+    first = CycleState()
+    s.score(request(blocks("p", 4), lora_adapter="sql"), first, [a, b])
+    s.pre_request(request(blocks("p", 4), lora_adapter="sql"), first, a)
+    s.response_started(request(blocks("p", 4), lora_adapter="sql"), first, a, 0.2)  # done with it, idle
+    state = CycleState()
+    s.score(request(blocks("q", 4), lora_adapter="sql"), state, [a, b])
+    assert state["latency"].lora == [False, True]
+
+
+def test_a_request_waits_for_an_adapter_slot_when_every_slot_runs_another_adapter() -> None:
+    s = scorer(tie_s=0.0)
+    full = endpoint(1, running_loras=frozenset({"a", "b"}), max_lora=2)  # type: ignore[arg-type]
+    free = endpoint(2, running_loras=frozenset({"a"}), max_lora=2, running=5)  # type: ignore[arg-type]
+    state = CycleState()
+    scores = s.score(request(blocks("p", 4), lora_adapter="sql"), state, [full, free])
+    assert state["latency"].slot_wait == [True, False]
+    assert state["latency"].ttft[0] - state["latency"].ttft[1] == pytest.approx(1.0 - 0.005 * 0.5)
+    assert scores[1] > scores[0]
+
+
+def test_a_cold_adapter_nobody_named_is_recognised_by_the_served_model_names() -> None:
+    s = scorer(tie_s=0.0)
+    served = frozenset({"base"})
+    full = endpoint(1, running_loras=frozenset({"a", "b"}), max_lora=2, served_models=served)  # type: ignore[arg-type]
+    free = endpoint(2, max_lora=2, served_models=served)  # type: ignore[arg-type]
+    state = CycleState()
+    cold = SchedulingRequest("r", "sql", "sql", prompt=blocks("p", 4), prompt_tokens=64, stream=True)
+    s.score(cold, state, [full, free])
+    assert state["latency"].slot_wait == [True, False]
+
+
+def test_locality_blends_the_share_of_the_prompt_held_into_the_score() -> None:
+    shared = blocks("doc", 8)
+    for locality, warm_wins in ((0.0, False), (1.0, True)):
+        s = scorer(tie_s=0.0, locality=locality)
+        warm, idle = endpoint(1, running=40), endpoint(2)
+        s.prefix.index.record(warm.address, s.prefix._state(request(shared), CycleState()).hashes)
+        scores = s.score(request(shared), CycleState(), [warm, idle])
+        assert (scores[0] > scores[1]) is warm_wins, (locality, scores)
 
 
 def test_nearly_equal_costs_are_ties_for_the_picker() -> None:

@@ -22,6 +22,7 @@ def endpoint(
     running_loras: tuple[str, ...] = (),
     waiting_loras: tuple[str, ...] = (),
     max_lora: int = 0,
+    served: tuple[str, ...] = (),
     inflight: int = 0,
     inflight_tokens: int = 0,
 ) -> Endpoint:
@@ -34,6 +35,7 @@ def endpoint(
             running_loras=frozenset(running_loras),
             waiting_loras=frozenset(waiting_loras),
             max_lora=max_lora,
+            served_models=frozenset(served),
             updated_at=1.0,
         ),
     )
@@ -123,6 +125,25 @@ def test_lora_adapter_detected_from_waiting_metrics_only() -> None:
 def test_lora_base_model_request_has_no_preference() -> None:
     scores = LoraAffinityScorer(0.8, 0.6).score(request("meta-llama/Llama-3.1-8B"), CycleState(), lora_pool())
     assert scores == [1.0] * 5
+
+
+def test_lora_cold_adapter_no_server_runs_goes_to_a_free_slot() -> None:
+    # Nobody runs or queues "sql" and the config does not name it, but the servers say they serve "base"
+    # and hold adapters: "sql" is an adapter and needs a free slot.
+    pool = [
+        endpoint(1, running_loras=("a", "b"), max_lora=2, served=("base",)),  # full: 0
+        endpoint(2, running_loras=("a",), max_lora=2, served=("base",)),  # a free slot: 0.8
+    ]
+    assert LoraAffinityScorer(0.8, 0.6).score(request("sql"), CycleState(), pool) == pytest.approx([0.0, 0.8])
+    # The base model itself is no adapter.
+    assert LoraAffinityScorer(0.8, 0.6).score(request("base"), CycleState(), pool) == [1.0, 1.0]
+
+
+def test_lora_unknown_target_is_no_adapter_without_lora_or_model_names() -> None:
+    no_lora = [endpoint(1, served=("base",)), endpoint(2, served=("base",))]  # max_lora 0: LoRA off
+    unnamed = [endpoint(1, running_loras=("a", "b"), max_lora=2), endpoint(2, max_lora=2)]  # no model_name
+    for pool in (no_lora, unnamed):
+        assert LoraAffinityScorer(0.8, 0.6).score(request("other"), CycleState(), pool) == [1.0, 1.0]
 
 
 def test_lora_free_slot_counts_waiting_adapters_as_occupying() -> None:

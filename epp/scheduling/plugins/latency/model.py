@@ -6,9 +6,11 @@
                                        answered) + this prompt's tokens e does not have cached
             + θ2(e) × R / 10           R = requests running on e (scraped): decode steps share the GPU
             + θ3(e) × L                L = 1 when the request's LoRA adapter must be loaded on e
-            + θ4(e) × K                K = max(0, kv − 0.8) / 0.2: KV-cache pressure (kv = scraped use +
-                                       what the picker sent since): near full, a server queues new
-                                       requests until decodes free blocks, or preempts and recomputes
+            + θ4(e) × K                K = max(0, kv − 0.9) / 0.1: KV-cache pressure (kv = scraped use +
+                                       what the picker sent since + this request's need): near full, a
+                                       server queues new requests until decodes free blocks, or preempts
+            + θ5(e) × S                S = 1 when the adapter is not resident and every adapter slot is
+                                       taken by running adapters: the request waits for a slot
 
 θ(e) is learned by recursive least squares with exponential forgetting (factor λ, default 0.99: the last ~100
 observations of an endpoint weigh most), one observation per streamed request (dispatch → first response
@@ -16,11 +18,11 @@ chunk). Robust: a residual is clipped to ±3 of its running standard deviation (
 stalled request does not throw the rates off; every θ stays at least `FLOOR` (rates cannot go negative).
 Before an endpoint's first observation its θ is the pool's (one more RLS over all endpoints' observations),
 which starts at the prior (`Rates`); so a new replica is predicted like the average one, then learns its own
-(a pool mixing faster and slower replicas is handled). Memory: a 5-vector and a 5×5 matrix per endpoint,
+(a pool mixing faster and slower replicas is handled). Memory: a 6-vector and a 6×6 matrix per endpoint,
 forgotten when the endpoint leaves the pool.
 
 Features are scaled (thousands of tokens, tens of running requests) so the four θ have similar magnitudes and
-the update stays well conditioned. Plain Python (5×5): an update costs ~20 µs, off the reply's path (it runs
+the update stays well conditioned. Plain Python (6×6): an update costs ~25 µs, off the reply's path (it runs
 in the `response_started` hook); a prediction is one dot product.
 """
 
@@ -28,8 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DIM = 5
-FLOOR = (0.0005, 0.001, 0.0, 0.0, 0.0)  # seconds; θ never goes below these
+DIM = 6
+FLOOR = (0.0005, 0.001, 0.0, 0.0, 0.0, 0.0)  # seconds; θ never goes below these
 KV_KNEE = 0.9  # KV-cache use (after admitting the request) beyond which the pressure feature grows
 _CLIP_SIGMAS = 3.0
 _CLIP_AFTER = 10
@@ -40,25 +42,35 @@ class Rates:
     """Prior rates before any observation (defaults: an 8B model on one H100; see the module docstring).
 
     overhead_s: θ0; s_per_ktoken: θ1 (0.15 s per 1,000 prefilled tokens ≈ 6,700 tokens/s); s_per_10_running:
-    θ2; lora_load_s: θ3; kv_full_s: θ4 (extra wait at a full KV cache)."""
+    θ2; lora_load_s: θ3; kv_full_s: θ4 (extra wait at a full KV cache); slot_wait_s: θ5 (wait for a LoRA
+    slot)."""
 
     overhead_s: float = 0.04
     s_per_ktoken: float = 0.15
     s_per_10_running: float = 0.005
     lora_load_s: float = 0.03
     kv_full_s: float = 0.3
+    slot_wait_s: float = 1.0
 
     def vector(self) -> list[float]:
-        return [self.overhead_s, self.s_per_ktoken, self.s_per_10_running, self.lora_load_s, self.kv_full_s]
+        return [
+            self.overhead_s, self.s_per_ktoken, self.s_per_10_running, self.lora_load_s, self.kv_full_s,
+            self.slot_wait_s,
+        ]  # fmt: skip
 
 
-Features = tuple[float, float, float, float, float]
+Features = tuple[float, float, float, float, float, float]
 
 
-def features(work_tokens: float, running: float, lora_load: bool, kv_use: float = 0.0) -> Features:
+def features(
+    work_tokens: float, running: float, lora_load: bool, kv_use: float = 0.0, slot_wait: bool = False
+) -> Features:
     """The scaled feature vector x: TTFT ≈ θ·x."""
     pressure = min(3.0, max(0.0, kv_use - KV_KNEE) / (1.0 - KV_KNEE))
-    return (1.0, work_tokens / 1000.0, running / 10.0, 1.0 if lora_load else 0.0, pressure)
+    return (
+        1.0, work_tokens / 1000.0, running / 10.0, 1.0 if lora_load else 0.0, pressure,
+        1.0 if slot_wait else 0.0,
+    )  # fmt: skip
 
 
 class _Fit:

@@ -5,8 +5,11 @@
     backlog(e)   = uncached prompt tokens the picker sent to e and has not seen answered (first response chunk
                    not yet back): the queue the picker built itself, which scraped metrics show late
                    + requests the scrape shows waiting beyond the picker's own × their mean uncached size
-    TTFT(e)      = θ0 + θ1 × (backlog(e) + uncached(e)) / 1000 + θ2 × running(e) / 10 + θ3 × [adapter not
-                   resident]           θ(e) learned online per endpoint (`model.LatencyModel`)
+    TTFT(e)      = θ0 + θ1 × (backlog(e) + uncached(e)) / 1000 + θ2 × running(e) / 10 + θ3 × [adapter to
+                   load] + θ4 × KV pressure + θ5 × [no free adapter slot]
+                   θ(e) learned online per endpoint (`model.LatencyModel`). An adapter counts as resident
+                   when the scrape shows it running or waiting, or the picker sent it there recently (an LRU
+                   of max_lora adapters per endpoint: vLLM does not report idle resident adapters).
     cost(e)      = TTFT(e) + eviction_weight × θ1 × evicted(e) / 1000: evicted(e) = tokens of other prompts
                    this one would push out of e's full prefix cache (by the index: its uncached tokens beyond
                    the room left), priced at e's prefill rate: their next requests pay that recompute. So cold
@@ -29,7 +32,8 @@ scorer owns its approximate prefix index (the prefix-cache scorer, used here for
 and forgets endpoints that leave the pool.
 
 Parameters: the prefix index's as `prefix-cache` (block_chars, max_blocks, capacity_blocks, auto_capacity),
-prior rates (overhead_s 0.04, s_per_ktoken 0.15, s_per_10_running 0.005, lora_load_s 0.03, kv_full_s 0.3),
+prior rates (overhead_s 0.04, s_per_ktoken 0.15, s_per_10_running 0.005, lora_load_s 0.03, kv_full_s 0.3,
+slot_wait_s 1.0),
 eviction_weight 0.5, forgetting 0.99, tie_s 0.005, tpot_base_s 0.010, tpot_per_running_s 0.0001, learn true.
 """
 
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 from epp.config import ConfigError
 from epp.datalayer.endpoints import Endpoint, EndpointPool
 from epp.errors import Rejection
+from epp.scheduling.adapters import requested_adapter
 from epp.scheduling.interfaces import CycleState, SchedulingRequest
 from epp.scheduling.plugins.latency.model import Features, LatencyModel, Rates, features
 from epp.scheduling.plugins.prefix_cache.index import (
@@ -61,6 +66,7 @@ class LatencyParams:
     s_per_10_running: float = 0.005
     lora_load_s: float = 0.03
     kv_full_s: float = 0.3
+    slot_wait_s: float = 1.0
     eviction_weight: float = 0.5
     locality: float = 0.0
     forgetting: float = 0.99
@@ -75,8 +81,8 @@ class LatencyParams:
 
     def __post_init__(self) -> None:
         for name in (
-            "overhead_s", "s_per_ktoken", "s_per_10_running", "lora_load_s", "kv_full_s", "tie_s",
-            "eviction_weight", "locality",
+            "overhead_s", "s_per_ktoken", "s_per_10_running", "lora_load_s", "kv_full_s", "slot_wait_s",
+            "tie_s", "eviction_weight", "locality",
         ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"plugin 'latency': {name} must be >= 0")
@@ -91,8 +97,8 @@ class _Prediction:
     """This scorer's part of a request's CycleState: per candidate, the prediction and its parts."""
 
     __slots__ = (
-        "addresses", "backlog", "cost", "dispatched", "kv", "lora", "ratio", "running", "tpot", "ttft",
-        "uncached",
+        "addresses", "backlog", "cost", "dispatched", "kv", "lora", "ratio", "running", "slot_wait", "tpot",
+        "ttft", "uncached",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -101,22 +107,27 @@ class _Prediction:
         self.backlog: list[float] = []
         self.running: list[float] = []
         self.lora: list[bool] = []
+        self.slot_wait: list[bool] = []
         self.kv: list[float] = []
         self.ttft: list[float] = []
         self.cost: list[float] = []  # ttft + eviction cost: what the choice minimises
         self.ratio: list[float] = []  # share of the prompt's blocks the endpoint holds
         self.tpot: list[float] = []
-        # Set once sent: (address, uncached tokens held in its backlog, features it was sent with).
-        self.dispatched: tuple[str, float, Features] | None = None
+        # Set once sent: (address, uncached tokens held in its backlog, features it was sent with, adapter).
+        self.dispatched: tuple[str, float, Features, str | None] | None = None
 
 
 class _Backlog:
     """Per endpoint: uncached prompt tokens (and requests) sent and not yet answered; mean request size;
     KV tokens sent since the endpoint's last scrape (its scraped KV use does not show them yet)."""
 
-    __slots__ = ("mean_uncached", "recent_kv", "requests", "scraped_at", "tokens")
+    __slots__ = (
+        "adapters", "mean_uncached", "pending_adapters", "recent_kv", "requests", "scraped_at", "tokens",
+    )  # fmt: skip
 
     def __init__(self) -> None:
+        self.adapters: dict[str, None] = {}  # adapters sent here, least recently first (at most max_lora)
+        self.pending_adapters: dict[str, int] = {}  # adapters of the unanswered requests here
         self.tokens = 0.0
         self.requests = 0
         self.mean_uncached = 0.0
@@ -138,6 +149,7 @@ class LatencyScorer:
                 params.s_per_10_running,
                 params.lora_load_s,
                 params.kv_full_s,
+                params.slot_wait_s,
             ),
             forgetting=params.forgetting,
         )
@@ -174,7 +186,8 @@ class LatencyScorer:
         block_tokens = self.prefix.block_tokens
         matched = self.prefix.matched_blocks(request, state, candidates)
         prompt = float(request.prompt_tokens)
-        adapter = request.lora_adapter
+        adapter = requested_adapter(request, candidates)
+        state[self.name + ".adapter"] = adapter
         out = _Prediction()
         model = self.model
         index = self.prefix.index
@@ -194,20 +207,28 @@ class LatencyScorer:
                 queued = backlog.tokens + max(0.0, m.waiting - backlog.requests) * backlog.mean_uncached
                 if capacity and backlog.scraped_at == m.updated_at:
                     kv += backlog.recent_kv / capacity
-            lora = adapter is not None and adapter not in m.running_loras
-            x = features(queued + uncached, m.running, lora, kv)
+            lora = slot_wait = False
+            if adapter is not None and adapter not in m.running_loras and adapter not in m.waiting_loras:
+                lora = backlog is None or adapter not in backlog.adapters
+                if lora and m.max_lora:  # every slot held by a running adapter (the scrape's, or just sent)
+                    busy = m.running_loras.union(backlog.pending_adapters) if backlog else m.running_loras
+                    slot_wait = len(busy) >= m.max_lora
+            x = features(queued + uncached, m.running, lora, kv, slot_wait)
             out.addresses.append(address)
             out.uncached.append(uncached)
             out.backlog.append(queued)
             out.running.append(m.running)
             out.lora.append(lora)
+            out.slot_wait.append(slot_wait)
             out.kv.append(kv)
             ttft = model.predict(address, x)
             out.ttft.append(ttft)
             room = index.room(address)
             evicted = 0.0 if room is None else max(0.0, uncached - room * block_tokens)
             out.cost.append(ttft + eviction_weight * model.theta(address)[1] * evicted / 1000.0)
-            out.ratio.append(blocks / blocks_total)
+            # Locality: the share of the prompt held; for an adapter request, also whether the adapter is.
+            ratio = blocks / blocks_total
+            out.ratio.append(ratio if adapter is None else (ratio + (0.0 if lora else 1.0)) / 2)
             out.tpot.append(self.params.tpot_base_s + self.params.tpot_per_running_s * (m.running + 1))
         state[self.name] = out
         return out
@@ -261,7 +282,7 @@ class LatencyScorer:
         try:
             i = p.addresses.index(endpoint.address)
             uncached = p.uncached[i]
-            x = features(p.backlog[i] + uncached, p.running[i], p.lora[i], p.kv[i])
+            x = features(p.backlog[i] + uncached, p.running[i], p.lora[i], p.kv[i], p.slot_wait[i])
         except ValueError:  # not a candidate we predicted for: assume nothing cached
             uncached = float(request.prompt_tokens)
             x = features(uncached, endpoint.metrics.running, False, endpoint.metrics.kv_usage)
@@ -272,8 +293,15 @@ class LatencyScorer:
             backlog.scraped_at = endpoint.metrics.updated_at
             backlog.recent_kv = 0.0
         backlog.recent_kv += uncached + request.max_tokens
+        adapter = state.get(self.name + ".adapter")
+        if adapter is not None:
+            backlog.pending_adapters[adapter] = backlog.pending_adapters.get(adapter, 0) + 1
+            backlog.adapters.pop(adapter, None)
+            backlog.adapters[adapter] = None
+            while len(backlog.adapters) > max(1, endpoint.metrics.max_lora or 1):
+                del backlog.adapters[next(iter(backlog.adapters))]
         backlog.mean_uncached += 0.1 * (uncached - backlog.mean_uncached)
-        p.dispatched = (endpoint.address, uncached, x)
+        p.dispatched = (endpoint.address, uncached, x, adapter)
 
     def response_started(
         self, request: SchedulingRequest, state: CycleState, endpoint: Endpoint, seconds: float
@@ -281,7 +309,7 @@ class LatencyScorer:
         p: _Prediction | None = state.get(self.name)
         if p is None or p.dispatched is None:
             return
-        address, _, x = p.dispatched
+        address, _, x, _ = p.dispatched
         self._release(p)
         # Only a streamed response's first chunk is its first token; a whole response arrives at the end.
         if self.params.learn and request.stream and address == endpoint.address:
@@ -296,12 +324,18 @@ class LatencyScorer:
 
     def _release(self, p: _Prediction) -> None:
         assert p.dispatched is not None
-        address, uncached, _ = p.dispatched
+        address, uncached, _, adapter = p.dispatched
         p.dispatched = None
         backlog = self._backlogs.get(address)
         if backlog is not None:
             backlog.tokens = max(0.0, backlog.tokens - uncached)
             backlog.requests = max(0, backlog.requests - 1)
+            if adapter is not None:
+                left = backlog.pending_adapters.get(adapter, 0) - 1
+                if left > 0:
+                    backlog.pending_adapters[adapter] = left
+                else:
+                    backlog.pending_adapters.pop(adapter, None)
 
     # -- what operators see -----------------------------------------------------------------------------
 
@@ -324,6 +358,7 @@ class LatencyScorer:
                     "uncached_tokens": p.uncached[i],
                     "running_ms": theta[2] * p.running[i] / 10 * 1000,
                     "lora_load_ms": theta[3] * 1000 if p.lora[i] else 0.0,
+                    "slot_wait_ms": theta[5] * 1000 if p.slot_wait[i] else 0.0,
                     "kv_use": p.kv[i],
                     "kv_pressure_ms": theta[4] * features(0, 0, False, p.kv[i])[4] * 1000,
                     "tpot_ms": p.tpot[i] * 1000,
@@ -342,6 +377,7 @@ class LatencyScorer:
             "ms_per_10_running": theta[2] * 1000,
             "lora_load_ms": theta[3] * 1000,
             "kv_full_ms": theta[4] * 1000,
+            "slot_wait_ms": theta[5] * 1000,
             **self.prefix.endpoint_details(endpoint),
         }
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from epp.config import ConfigError
 from epp.datalayer.endpoints import Endpoint
+from epp.scheduling.adapters import requested_adapter
 from epp.scheduling.interfaces import CycleState, SchedulingRequest
 from epp.scheduling.registry import PluginContext, register
 
@@ -25,8 +26,8 @@ class LoraAffinityParams:
 class LoraAffinityScorer:
     """LoRA residency for a request whose target is an adapter: 1.0 adapter running on the endpoint,
     `free_slot` (0.8) a slot is free (running + waiting adapters < max_lora), `waiting` (0.6) the adapter is
-    queued there, 0 otherwise. A request's target counts as an adapter when the config marks it `lora: true`
-    or any candidate reports it running or waiting. Not an adapter: 1 for all (no preference)."""
+    queued there, 0 otherwise. Which targets are adapters: `epp.scheduling.adapters.requested_adapter`. Not an
+    adapter: 1 for all (no preference)."""
 
     name = "lora-affinity"
 
@@ -37,14 +38,9 @@ class LoraAffinityScorer:
     def score(
         self, request: SchedulingRequest, state: CycleState, candidates: Sequence[Endpoint]
     ) -> list[float]:
-        adapter = request.lora_adapter
+        adapter = requested_adapter(request, candidates)
         if adapter is None:
-            target = request.target_model
-            if not any(
-                target in e.metrics.running_loras or target in e.metrics.waiting_loras for e in candidates
-            ):
-                return [1.0] * len(candidates)
-            adapter = target
+            return [1.0] * len(candidates)
         out = []
         for e in candidates:
             m = e.metrics
