@@ -18,6 +18,7 @@ config: `epp` (defaults) or a file benchmarks/routing/configs/<name>.yaml.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import math
 import random
@@ -47,7 +48,7 @@ from epp.scheduling.interfaces import (
 from epp.scheduling.registry import PluginContext, build_scheduler
 from epp_lab.sim.config import DEFAULT_MODEL, EngineConfig
 from epp_lab.sim.engine import Batch, Engine, SimRequest
-from epp_lab.sim.profiles import get_profile
+from epp_lab.sim.profiles import DEFAULT_PROFILE, get_profile
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -262,6 +263,17 @@ def run(workload: Workload, qps: float, name: str, seed: int = 7, scrape_s: floa
     )
 
 
+def with_profile(workload: Workload, profile: str) -> Workload:
+    """`workload` on replicas of `profile` (in a mixed fleet: those of the default profile)."""
+    get_profile(profile)  # fails early, naming the known ones
+    fleet = dict(workload.fleet)
+    if fleet.get("profiles"):
+        fleet["profiles"] = [profile if p == DEFAULT_PROFILE else p for p in fleet["profiles"]]
+    else:
+        fleet["profile"] = profile
+    return dataclasses.replace(workload, fleet=fleet)
+
+
 def saturation(workload: Workload) -> float:
     """Round-robin's saturation QPS (per simulated second), as the real benchmark calibrates it."""
     return calibrate.saturation_qps(lambda qps: workload.requests(qps, 7), workload.fleet)
@@ -275,10 +287,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--policies", default="round-robin,least-request,epp")
     parser.add_argument("--loads", default="0.5,0.75,1.0", help="fractions of round-robin's saturation QPS")
     parser.add_argument("--seeds", default="7", help="comma-separated seeds; medians are printed")
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="run every replica on this latency profile instead of the workload's (e.g. "
+        "h100-llama3-8b-fast-prefill); in a mixed fleet, it replaces the default profile's replicas",
+    )
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     for wname in args.workloads.split(","):
         workload = WORKLOADS[wname]
+        if args.profile:
+            workload = with_profile(workload, args.profile)
         sat = saturation(workload)
         print(f"\n## {wname}: round-robin saturates at {sat:.2f} req/s (simulated)", flush=True)
         for load in (float(x) for x in args.loads.split(",")):
