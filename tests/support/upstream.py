@@ -19,15 +19,17 @@ class Metrics:
     running_loras: list[str] = field(default_factory=list)
     waiting_loras: list[str] = field(default_factory=list)
     max_lora: int = 0
+    model: str = "base-model"  # the base model served: vLLM labels every series with it (`model_name`)
 
     def render(self) -> str:
+        m = f'model_name="{self.model}"'
         lines = [
             "# TYPE vllm:num_requests_waiting gauge",
-            f'vllm:num_requests_waiting{{model_name="m"}} {self.waiting}',
+            f"vllm:num_requests_waiting{{{m}}} {self.waiting}",
             "# TYPE vllm:num_requests_running gauge",
-            f'vllm:num_requests_running{{model_name="m"}} {self.running}',
+            f"vllm:num_requests_running{{{m}}} {self.running}",
             "# TYPE vllm:kv_cache_usage_perc gauge",
-            f'vllm:kv_cache_usage_perc{{model_name="m"}} {self.kv_usage}',
+            f"vllm:kv_cache_usage_perc{{{m}}} {self.kv_usage}",
         ]
         if self.max_lora:
             lines += [
