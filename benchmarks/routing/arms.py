@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from benchmarks.routing import peers
 from epp_lab import procs
@@ -53,6 +54,19 @@ def epp_scorers(arm: str) -> list[str]:
     return [
         f"{s.type} x{s.weight:g}" + (f" {s.params}" if s.params else "") for s in config.scheduling.scorers
     ]
+
+
+def sim_options(arm: str) -> dict[str, Any]:
+    """`epp sim` options an arm needs beyond the workload's: KV-cache events on the port offset of the
+    arm's `precise-prefix-cache` scorer, if it has one."""
+    if not arm.startswith("epp"):
+        return {}
+    from epp.config import load_config
+
+    for s in load_config(epp_config(arm)).scheduling.scorers:
+        if s.type == "precise-prefix-cache":
+            return {"kv_events_port_offset": int(s.params.get("events_port_offset", 0)) or None}
+    return {}
 
 
 def known(arm: str) -> bool:

@@ -104,7 +104,8 @@ async def run_once(
         workdir = Path(tmp)
         requests_file = workdir / "requests.json"
         write_requests(requests_file, requests)
-        async with procs.sim(REPLICAS, **workload.sim_options(seed, time_scale)) as fleet:
+        sim_options = {**workload.sim_options(seed, time_scale), **arms.sim_options(arm)}
+        async with procs.sim(REPLICAS, **sim_options) as fleet:
             workers = fleet.info["addresses"]
             async with arms.start(arm, workers, seed, statuses) as running:
                 assert fleet.pid is not None

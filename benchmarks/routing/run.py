@@ -169,7 +169,7 @@ async def main_async(args: argparse.Namespace) -> int:
     plan = []
     for rep in range(args.repeats):
         for name in args.workloads:
-            for i, frac in enumerate(loads.get(name, loads["*"])):
+            for i, frac in enumerate(loads.get(name.split("@")[0], loads["*"])):  # a variant: its base's
                 qps = round(calibration[name]["rr_saturation_qps"] * frac, 2)
                 shift = (rep + i) % len(args.arms)
                 for arm in args.arms[shift:] + args.arms[:shift]:
@@ -221,6 +221,25 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
+FLEET_OPTIONS = ("num_gpu_blocks", "max_num_seqs", "max_lora")
+
+
+def _variant(spec: str, parser: argparse.ArgumentParser) -> Any:
+    """Workload `NAME@key=value[+key=value]`: NAME on a fleet with other sizes (keys: FLEET_OPTIONS), e.g.
+    `shared-prefix@num_gpu_blocks=400` (a small KV cache, so that evictions matter)."""
+    from dataclasses import replace
+
+    name, _, options = spec.partition("@")
+    fleet = dict(WORKLOADS[name].fleet)
+    for item in options.split("+"):
+        key, _, value = item.partition("=")
+        if key not in FLEET_OPTIONS or not value.isdigit():
+            keys = ", ".join(FLEET_OPTIONS)
+            parser.error(f"workload {spec!r}: expected {name}@key=value with key in {keys}")
+        fleet[key] = int(value)
+    return replace(WORKLOADS[name], name=spec, fleet=fleet)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.routing.run",
@@ -236,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(arms.ALL_ARMS),
         help="comma-separated arms (any configs/epp-*.yaml is an arm too)",
     )
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated workloads")
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="comma-separated workloads; NAME@num_gpu_blocks=N (or max_num_seqs, max_lora) runs NAME on "
+        "replicas of that size",
+    )
     parser.add_argument(
         "--loads",
         default="",
@@ -266,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"unknown arm {a!r}: expected one of {', '.join(arms.ALL_ARMS)} or configs/epp-*.yaml"
             )
     for w in args.workloads:
+        if "@" in w and w.split("@", 1)[0] in WORKLOADS:
+            WORKLOADS[w] = _variant(w, parser)
         if w not in WORKLOADS:
             parser.error(f"unknown workload {w!r}: expected one of {', '.join(WORKLOADS)}")
     if args.repeats is None:

@@ -29,6 +29,7 @@ class EngineConfig:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     max_lora: int = 4
+    kv_events: bool = False  # collect vLLM-style KV-cache events for the driver to publish
 
 
 def _cli(
@@ -110,6 +111,14 @@ class FleetConfig:
         default=1,
         metadata=_cli("tokens per SSE event (first and last tokens are always sent at once)", int),
     )
+    kv_events_port_offset: int = field(
+        default=0,
+        metadata=_cli(
+            "publish vLLM-style KV-cache events (ZMQ PUB, msgpack) on each replica's port + this offset, "
+            "and answer replay requests on the port after it (0 = no events); see epp_lab/sim/kvevents.py",
+            int,
+        ),
+    )
 
     def __post_init__(self) -> None:
         self.lora_adapters = tuple(self.lora_adapters)
@@ -135,6 +144,10 @@ class FleetConfig:
                 problems.append(f"{name} must be >= 1 (got {value})")
         if not self.time_scale > 0:
             problems.append(f"time_scale must be > 0 (got {self.time_scale})")
+        if self.kv_events_port_offset and not (
+            self.base_port == 0 or 0 < self.base_port + self.kv_events_port_offset <= 65534 - self.replicas
+        ):
+            problems.append(f"kv_events_port_offset {self.kv_events_port_offset} puts ports outside 1..65535")
         if self.stream_interval < 1:
             problems.append(f"stream_interval must be >= 1 (got {self.stream_interval})")
         if problems:
@@ -148,4 +161,5 @@ class FleetConfig:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_lora=self.max_lora,
+            kv_events=bool(self.kv_events_port_offset),
         )

@@ -23,6 +23,11 @@ Model (vLLM v1-like, simplified):
   cached, unpinned, and are evicted least recently used first (a prompt's tail before its head). A request
   waits if its prompt does not fit; if a running request cannot grow, the most recently admitted running
   request is preempted (its blocks freed, it is requeued at the front and recomputed later), as vLLM does.
+- KV events (`EngineConfig.kv_events`, off by default): like vLLM, `kv_events` collects `BlockStored` (a
+  request's newly cached prompt blocks with their token ids, the simulator's scheme: token k = xxh32 of
+  characters [4k, 4k+4), see `epp.scheduling.plugins.precise_prefix.tokenize.sim_token_ids`), `BlockRemoved`
+  (evictions) and `AllBlocksCleared` (`reset_prefix_cache`) as vLLM's msgpack maps; the driver publishes
+  them once per step (`epp_lab.sim.kvevents`).
 - Output: exactly `max_tokens` tokens per request (like `ignore_eos`), so runs are deterministic. There is no
   randomness at all.
 - LoRA: `max_lora` resident adapters. Admitting a request for a non-resident adapter loads it into a free
@@ -43,6 +48,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from epp.config import CHARS_PER_TOKEN
+from epp.scheduling.plugins.precise_prefix.tokenize import sim_token_ids
 from epp_lab.sim.config import EngineConfig
 from epp_lab.sim.profiles import BLOCK_SIZE
 
@@ -112,6 +118,8 @@ class SimRequest:
     notified: int = 0
     """Tokens already announced to `listener` (the driver's business; the engine never reads either)."""
     listener: Callable[[], object] | None = None
+    text: str = ""
+    """The prompt text (for the token ids of KV events)."""
 
     @property
     def num_tokens(self) -> int:
@@ -174,6 +182,8 @@ class Engine:
         self.loras: OrderedDict[str, None] = OrderedDict()
         self.lora_running: dict[str, int] = {}
         self.stats = EngineStats()
+        # KV events of the current step (vLLM's msgpack maps), when enabled; the driver takes them.
+        self.kv_events: list[dict[str, object]] | None = [] if config.kv_events else None
 
     # ---- queries -------------------------------------------------------------------------------------
 
@@ -343,10 +353,13 @@ class Engine:
             full = min(req.num_computed // BLOCK_SIZE, len(req.block_hashes))
             k = len(req.hashed)
             if full > k:
-                for h in req.block_hashes[k:full]:
+                new_blocks: list[int] = []
+                for i, h in enumerate(req.block_hashes[k:full], k):
                     r = refs.get(h)
                     if r is None:
                         refs[h] = 1
+                        if self.kv_events is not None:
+                            new_blocks.append(i)
                     else:
                         # Computed concurrently by another request: share that block, return ours.
                         if r == 0:
@@ -355,6 +368,8 @@ class Engine:
                         self.empty += 1
                     req.anon -= 1
                 req.hashed = req.block_hashes[:full]
+                if new_blocks:
+                    self._stored(req, new_blocks)
             if req.num_computed < req.num_tokens:
                 continue  # prompt chunk; no token yet
             req.generated += 1
@@ -396,7 +411,45 @@ class Engine:
             self.finish(batch, now)
         return now
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached block no request holds (vLLM's `/reset_prefix_cache`); False, and nothing
+        dropped, while requests hold blocks (as vLLM)."""
+        if any(self.refs.values()):
+            return False
+        self.empty += len(self.evictable)
+        self.evictable.clear()
+        self.refs.clear()
+        if self.kv_events is not None:
+            self.kv_events.append({"type": "AllBlocksCleared"})
+        return True
+
     # ---- internals -----------------------------------------------------------------------------------
+
+    def _stored(self, req: SimRequest, blocks: list[int]) -> None:
+        """KV events for the newly cached blocks `blocks` (indices into the prompt's blocks) of `req`: one
+        BlockStored per run of consecutive blocks, as vLLM announces a request's new blocks per step."""
+        assert self.kv_events is not None
+        runs: list[list[int]] = []
+        for i in blocks:
+            if runs and runs[-1][-1] == i - 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            first = run[0]
+            start, end = first * BLOCK_CHARS, (run[-1] + 1) * BLOCK_CHARS
+            self.kv_events.append(
+                {
+                    "type": "BlockStored",
+                    "block_hashes": [req.block_hashes[i] for i in run],
+                    "parent_block_hash": req.block_hashes[first - 1] if first else None,
+                    "token_ids": sim_token_ids(req.text[start:end]),
+                    "block_size": BLOCK_SIZE,
+                    "lora_id": None,
+                    "medium": "GPU",
+                    "lora_name": req.lora,
+                }
+            )
 
     def _allocate(self, n: int) -> None:
         """Take `n` blocks: never-used first, then evict cached unpinned blocks, least recently used first."""
@@ -407,6 +460,8 @@ class Engine:
             h, _ = self.evictable.popitem(last=False)
             del self.refs[h]
             self.stats.evicted_blocks += 1
+            if self.kv_events is not None:
+                self.kv_events.append({"type": "BlockRemoved", "block_hashes": [h], "medium": "GPU"})
             n -= 1
 
     def _release(self, req: SimRequest) -> None:

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from epp_lab.sim.config import FleetConfig
 from epp_lab.sim.handlers import ReplicaServer
+from epp_lab.sim.kvevents import KVEventPublisher
 from epp_lab.sim.replica import Replica
 from epp_lab.sim.stats import fleet_stats, replica_stats
 
@@ -50,6 +51,36 @@ def bind_sockets(host: str, base_port: int, count: int) -> list[socket.socket]:
     return socks
 
 
+def _with_publishers(
+    socks: list[socket.socket], c: FleetConfig, attempts: int = 20
+) -> tuple[list[socket.socket], list[KVEventPublisher | None]]:
+    """A KV-event publisher at each listening socket's port + `kv_events_port_offset`. With ephemeral
+    ports, a socket whose publisher port is taken is swapped for a fresh one (up to `attempts` times)."""
+    out: list[socket.socket] = []
+    publishers: list[KVEventPublisher | None] = []
+    try:
+        for sock in socks:
+            for attempt in range(attempts):
+                port = sock.getsockname()[1]
+                try:
+                    publishers.append(KVEventPublisher(c.host, port + c.kv_events_port_offset))
+                    break
+                except OSError:
+                    if c.base_port or attempt == attempts - 1:
+                        raise
+                    sock.close()
+                    sock = bind_sockets(c.host, 0, 1)[0]
+            out.append(sock)
+    except BaseException:
+        for pub in publishers:
+            if pub is not None:
+                pub.close()
+        for s in [*out, *socks]:
+            s.close()
+        raise
+    return out, publishers
+
+
 @dataclass(slots=True)
 class SimFleet:
     """N replicas in this process and event loop. Use `async with`, or `start()` / `stop()`."""
@@ -63,10 +94,14 @@ class SimFleet:
     async def start(self) -> None:
         c = self.config
         socks = bind_sockets(c.host, c.base_port, c.replicas)
+        publishers: list[KVEventPublisher | None] = [None] * len(socks)
         try:
-            for sock in socks:
+            if c.kv_events_port_offset:
+                socks, publishers = _with_publishers(socks, c)
+            for sock, publisher in zip(socks, publishers, strict=True):
                 port = sock.getsockname()[1]
                 replica = Replica(c)
+                replica.publisher = publisher
                 server = ReplicaServer(replica, port, self.stats)
                 # handler_cancellation: a client that goes away cancels its handler, which aborts its request.
                 runner = web.AppRunner(
@@ -88,6 +123,9 @@ class SimFleet:
             await self.stop()
             for s in socks:
                 s.close()
+            for pub in publishers:
+                if pub is not None:
+                    pub.close()
             raise
 
     async def stop(self) -> None:
@@ -96,6 +134,9 @@ class SimFleet:
         self._runners.clear()
         for replica in self.replicas:
             await replica.stop()
+            if replica.publisher is not None:
+                replica.publisher.close()
+                replica.publisher = None
 
     async def __aenter__(self) -> SimFleet:
         await self.start()

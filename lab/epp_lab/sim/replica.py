@@ -23,6 +23,7 @@ import xxhash
 
 from epp_lab.sim.config import FleetConfig
 from epp_lab.sim.engine import FINISHED, Engine, SimRequest, block_hashes, prompt_token_count
+from epp_lab.sim.kvevents import KVEventPublisher, start_replay
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class Replica:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._t0 = 0.0
+        self.publisher: KVEventPublisher | None = None  # set by the fleet when KV events are on
+        self._replay: asyncio.Task[None] | None = None
 
     # ---- requests ------------------------------------------------------------------------------------
 
@@ -76,6 +79,7 @@ class Replica:
             prompt_tokens=prompt_token_count(text),
             max_tokens=max_tokens,
             block_hashes=block_hashes(text, model),
+            text=text,
         )
 
     def output_offset(self, text: str) -> int:
@@ -99,13 +103,16 @@ class Replica:
     def start(self) -> None:
         self._t0 = asyncio.get_running_loop().time()
         self._task = asyncio.create_task(self._run(), name="sim-replica-driver")
+        if self.publisher is not None:
+            self._replay = start_replay(self.publisher)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._replay):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._replay = None
 
     async def _run(self) -> None:
         try:
@@ -142,7 +149,12 @@ class Replica:
             # step run before this one is applied, so their SSE events never merge because of this loop.
             # The simulated clock is unaffected: `sim_end` above already carries the catch-up.
             await asyncio.sleep(delay if delay > 0 else 0)
-            for req in eng.finish(batch, sim_end):
+            progressed = eng.finish(batch, sim_end)
+            if eng.kv_events:
+                if self.publisher is not None:
+                    self.publisher.publish(eng.kv_events)
+                eng.kv_events.clear()
+            for req in progressed:
                 if req.notified == 0 or req.state == FINISHED or req.generated - req.notified >= interval:
                     req.notified = req.generated
                     if req.listener is not None:

@@ -1,0 +1,1 @@
+"""Precise prefix-cache routing from the engines' KV events: `scorer` (the plugin), `index`, `tokenize`."""
