@@ -19,6 +19,7 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("host", "host"),
         ("extproc_port", "extproc_port"),
         ("health_port", "health_port"),
+        ("admin_port", "admin_port"),
         ("metrics_port", "metrics_port"),
         ("grace_period", "grace_period_s"),
         ("log_level", "log_level"),
@@ -64,9 +65,10 @@ def _add_serve(sub: Any) -> None:
         "defaults (epp/config.py).",
     )
     p.add_argument("--config", "-c", help="YAML config file (default: the built-in defaults)")
-    p.add_argument("--host", help="address to bind all ports to (default 127.0.0.1)")
+    p.add_argument("--host", help="address of the ext_proc and health ports (default 127.0.0.1)")
     p.add_argument("--extproc-port", type=int, help="ext_proc gRPC port (default 9002; 0 = any free port)")
-    p.add_argument("--health-port", type=int, help="gRPC health + admin API port (default 9003)")
+    p.add_argument("--health-port", type=int, help="gRPC health port (default 9003)")
+    p.add_argument("--admin-port", type=int, help="admin API port, on server.admin_host (default 9004)")
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 9090)")
     p.add_argument("--plaintext", action="store_true", help="serve ext_proc without TLS (default: TLS)")
     p.add_argument("--tls-cert", help="PEM certificate for ext_proc TLS (default: self-signed at start-up)")

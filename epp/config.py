@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # Defaults (upstream GIE values unless said otherwise).
 EXTPROC_PORT = 9002
-HEALTH_PORT = 9003  # gRPC health + our admin API (plaintext, like upstream's health port)
+HEALTH_PORT = 9003  # gRPC health (plaintext, like upstream's health port): what kubelet probes
+ADMIN_PORT = 9004  # ours: the admin gRPC API (ListEndpoints, Explain), plaintext, localhost by default
 METRICS_PORT = 9090
 MAX_BODY_BYTES = 16 * 1024 * 1024  # ours: generous for 32k-token prompts with images as URLs
 BODY_CHUNK_BYTES = 62_000  # Envoy limits a streamed_response chunk to ~64 KiB
@@ -71,13 +72,34 @@ class TLSConfig(StrictModel):
 
 
 class ServerConfig(StrictModel):
-    host: str = "127.0.0.1"  # 0.0.0.0 in the Kubernetes manifests
+    """Ports and shutdown. On SIGTERM: readiness NOT_SERVING (and the Lease released) at once, new ext_proc
+    streams still accepted for `drain_s` (while the Service and the gateway stop sending them; skipped when
+    this replica was not ready, e.g. a standby; a second signal ends it), then no new streams and
+    `grace_period_s` for those in flight. Total at most drain_s + grace_period_s."""
+
+    host: str = "127.0.0.1"  # ext_proc and health bind address; 0.0.0.0 in the Kubernetes manifests
     extproc_port: int = Field(EXTPROC_PORT, ge=0, le=65535)
     health_port: int = Field(HEALTH_PORT, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # /metrics bind address; 0.0.0.0 in the manifests (Prometheus)
     metrics_port: int = Field(METRICS_PORT, ge=0, le=65535)
+    admin_host: str = "127.0.0.1"  # admin API bind address: inside the pod only (kubectl exec/port-forward)
+    # Default: 9004, or any free port (0) when health_port is 0 (tests and scripts asking for free ports).
+    admin_port: int = Field(ADMIN_PORT, ge=0, le=65535)
+    # Bearer tokens (file holding the token; null = no token): requests without `authorization: Bearer
+    # <token>` get 401 (/metrics) or UNAUTHENTICATED (admin API). Read once at start-up.
+    admin_token_file: Path | None = None
+    metrics_token_file: Path | None = None
     tls: TLSConfig = TLSConfig()
-    grace_period_s: float = Field(10.0, ge=0)  # in-flight streams may finish within this on shutdown
+    drain_s: float = Field(5.0, ge=0)  # after SIGTERM, new streams are still accepted this long
+    grace_period_s: float = Field(10.0, ge=0)  # then in-flight streams may finish within this
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _admin_port_follows_a_free_health_port(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("admin_port") is None and data.get("health_port") == 0:
+            return {**data, "admin_port": 0}
+        return data
 
 
 class EndpointConfig(StrictModel):
@@ -108,6 +130,43 @@ class KubernetesConfig(StrictModel):
     token_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
     ca_file: Path | None = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
     namespace_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    # InferenceObjective / InferenceModelRewrite (v1alpha2) are read from these API group/versions, all
+    # merged (GIE's group up to v1.5; the llm-d router's since). [] = none. See `models` in the README.
+    objective_apis: tuple[str, ...] = ("inference.networking.x-k8s.io/v1alpha2", "llm-d.ai/v1alpha2")
+
+    @field_validator("objective_apis")
+    @classmethod
+    def _group_versions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            group, sep, version = item.partition("/")
+            if not sep or not group or not version or "/" in version:
+                raise ValueError(f"{item!r} is not group/version, e.g. llm-d.ai/v1alpha2")
+        return value
+
+
+class LeaderElectionConfig(StrictModel):
+    """Active-passive replicas: one Lease (coordination.k8s.io/v1) in the pod's namespace, held by the pod
+    named $POD_NAME (else hostname + a random suffix). Only the holder reports readiness SERVING; every
+    replica keeps discovery and scraping running. The API server is reached as `pool.kubernetes` says.
+
+    As client-go: a standby takes a Lease whose holder has not renewed it for leaseDurationSeconds (timed by
+    the standby's own clock from when it saw the record change), checking every `retry_period_s` (x1-1.2
+    jitter); the leader renews every `retry_period_s` and steps down when it could not for
+    `renew_deadline_s`. A stopping leader releases the Lease (empty holder): the standby takes it at its next
+    check. Failover after a crash: at most lease_duration_s + retry_period_s x 1.2."""
+
+    enabled: bool = False
+    lease_name: str = Field("epp", min_length=1)
+    namespace: str | None = None  # default: $POD_NAMESPACE, then pool.kubernetes.namespace_file
+    lease_duration_s: int = Field(15, ge=1)  # the Lease's leaseDurationSeconds (an integer)
+    renew_deadline_s: float = Field(10.0, gt=0)
+    retry_period_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LeaderElectionConfig:
+        if not self.lease_duration_s > self.renew_deadline_s > 1.2 * self.retry_period_s:
+            raise ValueError("need lease_duration_s > renew_deadline_s > 1.2 x retry_period_s")
+        return self
 
 
 class PoolConfig(StrictModel):
@@ -190,8 +249,10 @@ class ResponseConfig(StrictModel):
     """
 
     follow: Literal["first-byte", "full"] = "first-byte"
-    # In first-byte mode, follow every n-th request to its end anyway (request duration; 0: never).
-    full_sample_every: int = Field(64, ge=0)
+    # In first-byte mode, follow every n-th request to its end anyway, for the picker's request-duration
+    # histogram (0: never, the default: each followed 256-token stream costs ~25 ms of picker CPU, i.e.
+    # ~1 ms per request at 1/64 measured; Envoy's own upstream_rq_time stats give every request's duration).
+    full_sample_every: int = Field(0, ge=0)
     # When Envoy announces BUFFERED response bodies, ask it for STREAMED ones in the reply to the response
     # headers (`mode_override`, honoured only where the filter has allow_mode_override), so the first chunk
     # arrives when the model server sends it rather than with the whole response.
@@ -273,6 +334,7 @@ class Config(StrictModel):
     limits: LimitsConfig = LimitsConfig()
     response: ResponseConfig = ResponseConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
+    leader_election: LeaderElectionConfig = LeaderElectionConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:

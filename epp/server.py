@@ -1,19 +1,37 @@
-"""The picker's process: explicit start-up, serve, and graceful shutdown.
+"""The picker's process: explicit start-up, serve, drain and graceful shutdown.
 
 Start-up builds the data layer (the endpoint pool), the scheduler and its plugins from the config and the
-request director, then opens three ports: ext_proc (gRPC, TLS unless disabled), health + admin API (gRPC,
-plaintext) and Prometheus metrics (HTTP). Readiness turns SERVING once the pool is synced. Shutdown marks
-readiness NOT_SERVING, stops accepting streams and gives in-flight streams `grace_period_s` to finish.
+request director, then opens four ports: ext_proc (gRPC, TLS unless disabled; `server.host`), gRPC health
+(plaintext, `server.host`: what kubelet probes), the admin API (gRPC, plaintext, `server.admin_host`,
+127.0.0.1 by default) and Prometheus `/metrics` (HTTP, `server.metrics_host`, 127.0.0.1 by default). The
+admin API and `/metrics` optionally require a bearer token (`server.admin_token_file`,
+`server.metrics_token_file`).
+
+Readiness (health names `readiness` and `envoy.service.ext_proc.v3.ExternalProcessor`) is SERVING when
+all of: the pool is synced (static: at once after the first scrape; kubernetes: after the first full sync
+of the InferencePool and a first try of the objective/rewrite collections), this replica holds the Lease
+(with `leader_election.enabled`; `epp.ha.leader`), and it is not shutting down. Discovery and scraping run
+on every replica, leader or not (a warm standby).
+
+Shutdown (`shutdown()`, what SIGTERM/SIGINT run): readiness NOT_SERVING and the Lease released at once;
+new ext_proc streams are still accepted for `server.drain_s` (the Service and the gateway need a moment
+to stop sending; skipped when this replica was not ready within the last drain_s, e.g. a standby; a second
+signal ends it early); then no new streams, and in-flight streams get `server.grace_period_s` to finish.
+`stop()` is the same without the drain window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import logging
 import random
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,6 +54,8 @@ from epp.tls import load_key_and_cert
 log = logging.getLogger(__name__)
 
 HEALTH_NAMES = ("liveness", "readiness", EXTPROC_SERVICE)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass(slots=True)
@@ -43,6 +63,64 @@ class BoundPorts:
     extproc: int
     health: int
     metrics: int
+    admin: int = 0
+
+
+def read_token(path: Path | None, key: str) -> str | None:
+    """The bearer token in `path` (whitespace stripped); ConfigError if unreadable or empty."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot read {path}: {err.strerror}") from None
+    if not token:
+        raise ConfigError(f"{key}: {path} is empty")
+    return token
+
+
+def bearer_ok(header: str | None, token: str) -> bool:
+    """`authorization: Bearer <token>`, compared in constant time."""
+    scheme, _, value = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+class _TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Every admin RPC needs `authorization: Bearer <token>` metadata, else UNAUTHENTICATED."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin API: missing or wrong bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        metadata = dict(handler_call_details.invocation_metadata or ())  # type: ignore[attr-defined]
+        header = metadata.get("authorization")
+        if bearer_ok(header if isinstance(header, str) else None, self._token):
+            return await continuation(handler_call_details)
+        return self._deny
+
+
+def required_permissions(config: Config) -> frozenset[tuple[str, str, str, str | None]]:
+    """(API group, resource, verb, resource name or None) of every Kubernetes API call this config makes;
+    deploy/'s Role must grant exactly these (tests/deploy)."""
+    from epp.datalayer.discovery import kubernetes, objectives
+    from epp.ha import leader
+
+    out: set[tuple[str, str, str, str | None]] = set()
+    if config.pool.discovery == "kubernetes":
+        out |= {(g, r, v, None) for g, r, v in kubernetes.PERMISSIONS}
+        out |= {(g, r, v, None) for g, r, v in objectives.permissions(config.pool.kubernetes.objective_apis)}
+    if config.leader_election.enabled:
+        out |= leader.permissions(config.leader_election.lease_name)
+    return frozenset(out)
 
 
 class Server:
@@ -61,14 +139,27 @@ class Server:
         self.servicer = ExtProcServicer(self.director, config.limits, config.response)
         self.registry.register(ExtProcCollector(self.servicer))
         self.health = HealthServicer()
-        self.scraper: object | None = None
+        self.scraper: Any = None
+        self.kube: Any = None  # KubeClient, with Kubernetes discovery or leader election
         self.discovery: Any = None
+        self.objectives: Any = None
+        self.elector: Any = None
         self._grpc: grpc.aio.Server | None = None
         self._ops: grpc.aio.Server | None = None
+        self._admin: grpc.aio.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
+        self._metrics_token: str | None = None
         self._stopped = asyncio.Event()
+        self._drain_cut = asyncio.Event()
+        self.draining = asyncio.Event()  # shutdown began: readiness off, Lease released, still accepting
+        self.accepting_stopped = asyncio.Event()  # no new ext_proc streams from here on
         self._background: list[asyncio.Future[None]] = []
         self.ports: BoundPorts | None = None
+        self._synced = False
+        self._leader = not config.leader_election.enabled
+        self._stopping = False
+        self.ready = False
+        self._ready_until = -float("inf")  # loop time readiness last went from SERVING to NOT_SERVING
 
     def _plugin_gauges(self) -> dict[str, float]:
         """Pool-level gauges the plugins keep (e.g. the prefix index's size), computed at scrape time."""
@@ -77,8 +168,12 @@ class Server:
             out.update(plugin.gauges())
         return out
 
+    # -- start-up -------------------------------------------------------------------------------------
+
     async def start(self) -> BoundPorts:
         cfg = self.config.server
+        admin_token = read_token(cfg.admin_token_file, "server.admin_token_file")
+        self._metrics_token = read_token(cfg.metrics_token_file, "server.metrics_token_file")
         self._grpc = grpc.aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)]
         )
@@ -92,32 +187,45 @@ class Server:
 
         self._ops = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._ops)
+        health_port = self._ops.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+
         from epp.admin.service import register_admin
 
-        register_admin(self._ops, self)
-        health_port = self._ops.add_insecure_port(f"{cfg.host}:{cfg.health_port}")
+        interceptors = [_TokenInterceptor(admin_token)] if admin_token else []
+        self._admin = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
+        register_admin(self._admin, self)
+        admin_port = self._admin.add_insecure_port(f"{cfg.admin_host}:{cfg.admin_port}")
 
         app = web.Application()
         app.router.add_get("/metrics", self._serve_metrics)
         self._metrics_runner = web.AppRunner(app, access_log=None)
         await self._metrics_runner.setup()
-        site = web.TCPSite(self._metrics_runner, cfg.host, cfg.metrics_port, reuse_port=False)
+        site = web.TCPSite(self._metrics_runner, cfg.metrics_host, cfg.metrics_port, reuse_port=False)
         await site.start()
         metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
         await self._grpc.start()
         await self._ops.start()
-        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+        await self._admin.start()
+        await self.health.set("liveness", SERVING)
+        await self._publish_ready()
         await self._start_scraper()
+        if self.config.pool.discovery == "kubernetes" or self.config.leader_election.enabled:
+            from epp.datalayer.discovery.kubeapi import KubeClient
+
+            self.kube = KubeClient(self.config.pool.kubernetes)
+        if self.config.leader_election.enabled:
+            await self._start_election()
         if self.config.pool.discovery == "kubernetes":
             await self._start_discovery()
         else:
-            await self._set_ready(self.pool.synced)
-        self.ports = BoundPorts(extproc_port, health_port, metrics_port)
+            await self._set_synced(self.pool.synced)
+        self.ports = BoundPorts(extproc_port, health_port, metrics_port, admin_port)
         log.info(
-            "epp serving: ext_proc %s:%d (%s), health/admin :%d, metrics :%d, %d endpoints",
-            cfg.host, extproc_port, "TLS" if cfg.tls.enabled else "plaintext", health_port, metrics_port,
-            len(self.pool),
+            "epp serving: ext_proc %s:%d (%s), health :%d, admin %s:%d%s, metrics %s:%d%s, %d endpoints",
+            cfg.host, extproc_port, "TLS" if cfg.tls.enabled else "plaintext", health_port, cfg.admin_host,
+            admin_port, " (token)" if admin_token else "", cfg.metrics_host, metrics_port,
+            " (token)" if self._metrics_token else "", len(self.pool),
         )  # fmt: skip
         return self.ports
 
@@ -131,58 +239,132 @@ class Server:
         self.scraper = scraper
 
     async def _start_discovery(self) -> None:
-        """Follow the InferencePool; readiness turns SERVING after the first full sync of its pods."""
+        """Follow the InferencePool and the objective/rewrite objects; synced after the first sync of both."""
         from epp.datalayer.discovery.kubernetes import InferencePoolDiscovery
+        from epp.datalayer.discovery.objectives import ObjectiveWatch
 
-        await self._set_ready(False)
-        self.discovery = InferencePoolDiscovery(self.pool, self.config.pool.kubernetes)
+        kube = self.config.pool.kubernetes
+        self.discovery = InferencePoolDiscovery(self.pool, self.kube, kube.inference_pool)
         await self.discovery.start()
+        self.objectives = ObjectiveWatch(self.kube, kube.inference_pool, kube.objective_apis,
+                                         self.director.router.update)  # fmt: skip
+        await self.objectives.start()
 
-        async def ready_when_synced() -> None:
+        async def synced_when_both() -> None:
             await self.discovery.synced.wait()
-            await self._set_ready(True)
+            await self.objectives.synced.wait()
+            await self._set_synced(True)
 
-        self._background.append(asyncio.ensure_future(ready_when_synced()))
+        self._background.append(asyncio.ensure_future(synced_when_both()))
+
+    async def _start_election(self) -> None:
+        from epp.ha.leader import LeaderElector, lease_namespace
+
+        election = self.config.leader_election
+        namespace = lease_namespace(election, self.config.pool.kubernetes)
+        self.elector = LeaderElector(self.kube, election, namespace, self._set_leader)
+        await self.elector.start()
+
+    # -- readiness ------------------------------------------------------------------------------------
+
+    async def _set_synced(self, synced: bool) -> None:
+        self._synced = synced
+        await self._publish_ready()
+
+    async def _set_leader(self, leader: bool) -> None:
+        self._leader = leader
+        await self._publish_ready()
 
     async def _set_ready(self, ready: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        """Kept for callers that force readiness (tests): same as the pool (un)synced."""
+        await self._set_synced(ready)
+
+    async def _publish_ready(self) -> None:
+        ready = self._synced and self._leader and not self._stopping
+        if self.ready and not ready:
+            self._ready_until = asyncio.get_running_loop().time()
+        if ready != self.ready:
+            log.info("readiness %s", "SERVING" if ready else "NOT_SERVING")
+        self.ready = ready
         for name in HEALTH_NAMES[1:]:
-            await self.health.set(name, status)
+            await self.health.set(name, SERVING if ready else NOT_SERVING)
 
     async def _serve_metrics(self, request: web.Request) -> web.Response:
+        if self._metrics_token is not None and not bearer_ok(
+            request.headers.get("Authorization"), self._metrics_token
+        ):
+            return web.Response(status=401, text="missing or wrong bearer token\n",
+                                headers={"WWW-Authenticate": 'Bearer realm="epp metrics"'})  # fmt: skip
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
+    # -- shutdown -------------------------------------------------------------------------------------
+
     def request_stop(self) -> None:
+        """First call: begin shutting down (`wait_stopped` returns). Any later call: end the drain now."""
+        if self._stopped.is_set():
+            self._drain_cut.set()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    async def _stop_serving_new(self) -> None:
+        """Readiness NOT_SERVING and the Lease released (the standby takes over), at once."""
+        self._stopping = True
+        await self._publish_ready()
+        if self.elector is not None:
+            await self.elector.stop(release=True)
+
+    async def shutdown(self) -> None:
+        """SIGTERM: stop being ready, keep accepting for drain_s, then `stop()`."""
+        was_ready = self.ready or (
+            asyncio.get_running_loop().time() - self._ready_until < self.config.server.drain_s
+        )
+        await self._stop_serving_new()
+        self.draining.set()
+        drain = self.config.server.drain_s if was_ready else 0.0
+        if drain > 0 and not self._drain_cut.is_set():
+            log.info("draining: readiness NOT_SERVING, still accepting new streams for %gs (signal again "
+                     "to skip), %d in flight", drain, self.servicer.active_streams)  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain_cut.wait(), drain)
+        await self.stop()
+
     async def stop(self) -> None:
         """Graceful: not ready, refuse new streams, let in-flight ones finish within the grace period."""
         grace = self.config.server.grace_period_s
-        await self._set_ready(False)
+        await self._stop_serving_new()
+        self.draining.set()
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            stopping = asyncio.ensure_future(self._grpc.stop(grace))
+            await asyncio.sleep(0)  # grpc.aio refuses new RPCs as soon as stop() has begun
+            self.accepting_stopped.set()
+            await self.director.close()  # requests held by flow control: 503 now, not cut when grace ends
+            if self.servicer.active_streams:
+                log.info("no new streams; %d in flight get up to %gs", self.servicer.active_streams, grace)
+            await stopping
+        self.accepting_stopped.set()
         await self.director.close()
         for task in self._background:
             task.cancel()
-        if self.discovery is not None:
-            await self.discovery.stop()
+        for component in (self.objectives, self.discovery):
+            if component is not None:
+                await component.stop()
         if self.scraper is not None:
-            await self.scraper.stop()  # type: ignore[attr-defined]
-        if self._ops is not None:
-            await self._ops.stop(0)
+            await self.scraper.stop()
+        if self.kube is not None:
+            await self.kube.close()
+        for ops in (self._admin, self._ops):
+            if ops is not None:
+                await ops.stop(0)
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
 
 
 def run(config: Config, ready_file: str | None = None) -> int:
-    """Run until SIGINT/SIGTERM. A port already in use is a one-line error, not a traceback."""
+    """Run until SIGINT/SIGTERM, then drain and stop. A port already in use is a one-line error."""
     try:
         import uvloop
 
@@ -192,20 +374,20 @@ def run(config: Config, ready_file: str | None = None) -> int:
 
     async def main() -> None:
         server = Server(config)
-        ports = await server.start()
-        if ready_file:
-            import json
-            from pathlib import Path
-
-            Path(ready_file).write_text(json.dumps({"extproc": ports.extproc, "health": ports.health,
-                                                    "metrics": ports.metrics}))  # fmt: skip
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.request_stop)
+        ports = await server.start()
+        if ready_file:
+            import json
+
+            bound = {"extproc": ports.extproc, "health": ports.health, "metrics": ports.metrics,
+                     "admin": ports.admin}  # fmt: skip
+            Path(ready_file).write_text(json.dumps(bound))
         await server.wait_stopped()
-        log.info("epp: shutting down (grace %.1fs, %d streams in flight)", config.server.grace_period_s,
-                 server.servicer.active_streams)  # fmt: skip
-        await server.stop()
+        log.info("epp: shutting down (drain %gs, grace %gs, %d streams in flight)", config.server.drain_s,
+                 config.server.grace_period_s, server.servicer.active_streams)  # fmt: skip
+        await server.shutdown()
 
     try:
         asyncio.run(main())

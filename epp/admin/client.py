@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,10 @@ import grpc
 
 from epp._generated import epp_admin_pb2 as pb
 from epp._generated import epp_admin_pb2_grpc as pb_grpc
+from epp.config import ADMIN_PORT
+
+DEFAULT_ADMIN = f"127.0.0.1:{ADMIN_PORT}"
+TOKEN_ENV = "EPP_ADMIN_TOKEN"
 
 
 def _stub(address: str) -> pb_grpc.AdminStub:
@@ -41,8 +46,15 @@ def format_explain(response: pb.ExplainResponse) -> str:
     lines = []
     if response.status != 200:
         lines.append(f"=> {response.status} {response.error_code}: {response.error_message}")
+    elif response.flow_control == "queue":
+        lines.append(f"=> queued by flow control (if dispatched now: {response.destination})")
     else:
         lines.append(f"=> {response.destination}")
+    if response.flow_control and response.flow_control != "off":
+        lines.append(
+            f"flow control: {response.flow_control}: {response.flow_reason} (gate saturation "
+            f"{response.gate_saturation:.2f}, {response.queued_ahead} queued ahead)"
+        )
     lines.append(
         f"model {response.model!r} -> {response.target_model!r}, priority {response.priority}, "
         f"~{response.prompt_tokens} prompt tokens, pool saturation {response.pool_saturation:.2f}"
@@ -73,7 +85,13 @@ def main(argv: list[str]) -> int:
         ("explain", "show where a request would go and every candidate's per-scorer scores"),
     ):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--admin", default="127.0.0.1:9003", help="the picker's health/admin port")
+        p.add_argument(
+            "--admin", default=DEFAULT_ADMIN, help=f"the picker's admin API (default {DEFAULT_ADMIN})"
+        )
+        p.add_argument(
+            "--token-file",
+            help=f"bearer token for an admin API with server.admin_token_file (default: ${TOKEN_ENV} if set)",
+        )
         p.add_argument("--json", action="store_true", help="print the raw response as JSON")
         if name == "explain":
             p.add_argument("--model", default="m", help="model name (when no --body-file)")
@@ -84,9 +102,17 @@ def main(argv: list[str]) -> int:
             p.add_argument("--subset", help="gateway subset hint, comma-separated ip:port")
     args = parser.parse_args(argv)
     stub = _stub(args.admin)
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as err:
+            print(f"epp {args.command}: cannot read {args.token_file}: {err.strerror}", file=sys.stderr)
+            return 2
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     try:
         if args.command == "endpoints":
-            listed = stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=5)
+            listed = stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=5, metadata=metadata)
             text = format_endpoints(listed)
             message = listed
         else:
@@ -104,14 +130,16 @@ def main(argv: list[str]) -> int:
             if args.subset is not None:
                 request.has_subset = True
                 request.subset.extend(a.strip() for a in args.subset.split(",") if a.strip())
-            explained = stub.Explain(request, timeout=5)
+            explained = stub.Explain(request, timeout=5, metadata=metadata)
             text = format_explain(explained)
             message = explained
     except grpc.RpcError as err:
-        print(
-            f"epp {args.command}: cannot reach the admin API at {args.admin}: {err.code().name}",
-            file=sys.stderr,
-        )
+        code = err.code()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            hint = f"the admin API wants a bearer token: --token-file or ${TOKEN_ENV}"
+            print(f"epp {args.command}: {args.admin}: UNAUTHENTICATED ({hint})", file=sys.stderr)
+            return 1
+        print(f"epp {args.command}: cannot reach the admin API at {args.admin}: {code.name}", file=sys.stderr)
         return 1
     if args.json:
         from google.protobuf.json_format import MessageToJson

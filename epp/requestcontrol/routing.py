@@ -3,16 +3,24 @@
 Rule lookup: an exact `name` match wins over the catch-all rule `"*"`. With no rules configured every name
 passes through unchanged; with rules but neither a match nor a catch-all, the model is unknown (404).
 A pre-set target in header `x-gateway-model-name-rewrite` overrides the rules.
+
+Rules and objectives can change while serving (`ModelRouter.update`, fed from the cluster's
+InferenceModelRewrite / InferenceObjective objects): the cluster's entry wins over the config's for the same
+model name (the catch-all `"*"` included) or objective name; the config's entries fill in the rest. Whether
+an unknown name is a 404 is decided by the config alone (`models` given, no catch-all): cluster rules only
+add names. A cluster target is a LoRA adapter when the config marks that model `lora: true` anywhere.
+Each update swaps one immutable table, so a request sees either the old rules or the new ones.
 """
 
 from __future__ import annotations
 
 import bisect
 import random
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from itertools import accumulate
 
-from epp.config import Config, ModelRule
+from epp.config import Config, ModelRule, Objective, TargetModel
 from epp.errors import Rejection
 
 CATCH_ALL = "*"
@@ -40,30 +48,64 @@ class _WeightedTargets:
         return self._targets[bisect.bisect_right(self._cumulative, rng.randrange(self._total))]
 
 
+@dataclass(slots=True, frozen=True)
+class _Table:
+    """Everything a lookup reads, replaced as a whole by `ModelRouter.update`."""
+
+    rules: dict[str, _WeightedTargets] = field(default_factory=dict)
+    catch_all: _WeightedTargets | None = None
+    lora_targets: frozenset[str] = frozenset()
+    priorities: dict[str, int] = field(default_factory=dict)
+
+
 class ModelRouter:
     def __init__(self, config: Config, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random(config.scheduling.seed)
-        self._rules = {rule.name: _WeightedTargets(rule) for rule in config.models}
-        self._catch_all = self._rules.pop(CATCH_ALL, None)
+        self._config_models = config.models
+        self._config_objectives = config.objectives
+        self._config_lora = frozenset(t.model for rule in config.models for t in rule.targets if t.lora)
         self._passthrough = not config.models
-        self._lora_targets = {t.model for rule in config.models for t in rule.targets if t.lora}
-        self._priorities = {o.name: o.priority for o in config.objectives}
         self._default_priority = config.default_priority
+        self._table = _Table()
+        self.update()
+
+    def update(self, models: Sequence[ModelRule] = (), objectives: Sequence[Objective] = ()) -> None:
+        """Apply the cluster's rules and objectives (replacing the previous ones) over the config's."""
+        cluster_rules = {rule.name: self._mark_lora(rule) for rule in models}
+        merged = {rule.name: rule for rule in self._config_models} | cluster_rules
+        rules = {name: _WeightedTargets(rule) for name, rule in merged.items()}
+        priorities = {o.name: o.priority for o in self._config_objectives}
+        priorities |= {o.name: o.priority for o in objectives}
+        self._table = _Table(
+            rules=rules,
+            catch_all=rules.pop(CATCH_ALL, None),
+            lora_targets=frozenset(t.model for rule in merged.values() for t in rule.targets if t.lora),
+            priorities=priorities,
+        )
+
+    def _mark_lora(self, rule: ModelRule) -> ModelRule:
+        """A cluster rule's targets are LoRA adapters where the config says so for the same model."""
+        targets = tuple(
+            TargetModel(model=t.model, weight=t.weight, lora=t.lora or t.model in self._config_lora)
+            for t in rule.targets
+        )
+        return ModelRule(name=rule.name, targets=targets)
 
     def resolve(self, model: str, rewrite: str | None = None) -> Target:
         """The target for `model`. Raises Rejection(404) for an unknown model."""
+        table = self._table
         if rewrite:
-            return Target(rewrite, rewrite in self._lora_targets)
-        rule = self._rules.get(model)
+            return Target(rewrite, rewrite in table.lora_targets)
+        rule = table.rules.get(model)
         if rule is None:
-            rule = self._catch_all
+            rule = table.catch_all
             if rule is None:
                 if self._passthrough:
-                    return Target(model, model in self._lora_targets)
+                    return Target(model, model in table.lora_targets)
                 raise Rejection(404, "model_not_found", f"model '{model}' is not served by this pool")
-        return rule.choose(self._rng) or Target(model, model in self._lora_targets)
+        return rule.choose(self._rng) or Target(model, model in table.lora_targets)
 
     def priority(self, objective: str | None) -> int:
         if not objective:
             return self._default_priority
-        return self._priorities.get(objective, self._default_priority)
+        return self._table.priorities.get(objective, self._default_priority)

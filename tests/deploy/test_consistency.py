@@ -20,6 +20,9 @@ from deploy_support import (
     render,
 )
 
+from epp.config import build_config
+from epp.server import required_permissions
+
 AI_GATEWAY = "overlays/envoy-ai-gateway"
 ENVOY_GATEWAY = "overlays/envoy-gateway"
 GATEWAY_NAMESPACE = "envoy-gateway-system"  # Envoy Gateway runs its Envoy pods here by default
@@ -54,36 +57,27 @@ def test_names_follow_the_pool_epp_pattern(overlay: tuple[str, tuple[Obj, ...]])
     objs = objs_of(overlay)
     pool = config_of(objs)["pool"]["name"]
     assert one(objs, "InferencePool")["metadata"]["name"] == pool
-    for kind in ("ServiceAccount", "Role", "RoleBinding", "Deployment", "Service", "PodDisruptionBudget",
-                 "NetworkPolicy"):  # fmt: skip
+    for kind in ("ServiceAccount", "Role", "RoleBinding", "Deployment", "Service", "NetworkPolicy"):
         assert f"{pool}-epp" in {o["metadata"]["name"] for o in of_kind(objs, kind)}, kind
     # The generated ConfigMap carries a content hash, so a config change rolls the pods.
     [configmap] = of_kind(objs, "ConfigMap")
     assert re.fullmatch(rf"{pool}-epp-config-[a-z0-9]{{10}}", configmap["metadata"]["name"])
 
 
-def test_role_grants_exactly_what_epp_needs(overlay: tuple[str, tuple[Obj, ...]]) -> None:
+def test_role_grants_exactly_what_epp_calls(overlay: tuple[str, tuple[Obj, ...]]) -> None:
+    """The Role's rules are exactly the API calls epp makes with this config (`required_permissions`, which
+    tests/integration/test_high_availability.py checks against the calls really made): nothing missing,
+    nothing extra; names wherever RBAC can limit by name (not `create`, not list/watch of collections)."""
     objs = objs_of(overlay)
-    config = config_of(objs)
     grants = {
-        (group, resource, verb, tuple(rule.get("resourceNames", ())))
+        (group, resource, verb, name)
         for rule in one(objs, "Role")["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
+        for name in rule.get("resourceNames") or [None]
     }
-    lease = config["leader_election"]["lease_name"]
-    expected = {("", "pods", v, ()) for v in ("list", "watch")}
-    expected |= {("inference.networking.k8s.io", "inferencepools", v, ()) for v in ("list", "watch")}
-    expected |= {
-        (group, resource, verb, ())
-        for group in ("inference.networking.x-k8s.io", "llm-d.ai")
-        for resource in ("inferenceobjectives", "inferencemodelrewrites")
-        for verb in ("list", "watch")
-    }
-    expected |= {("coordination.k8s.io", "leases", "create", ())}
-    expected |= {("coordination.k8s.io", "leases", v, (lease,)) for v in ("get", "update")}
-    assert grants == expected
+    assert grants == set(required_permissions(build_config(config_of(objs))))
 
 
 def test_rolebinding_binds_the_role_to_the_pods_service_account(overlay: tuple[str, tuple[Obj, ...]]) -> None:
@@ -147,10 +141,14 @@ def test_pod_identity_for_leader_election(overlay: tuple[str, tuple[Obj, ...]]) 
 
 
 def test_shutdown_fits_in_the_termination_grace_period(overlay: tuple[str, tuple[Obj, ...]]) -> None:
+    """SIGTERM starts epp's own drain (readiness off and the Lease released at once, drain_s of serving,
+    then grace_period_s for streams in flight): the kubelet must not SIGKILL before it ends, and no preStop
+    hook may delay the SIGTERM (it would delay the readiness change and the Lease hand-over with it)."""
     objs = objs_of(overlay)
     server = config_of(objs)["server"]
     pod = one(objs, "Deployment")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] >= server["drain_s"] + server["grace_period_s"] + 5
+    assert "preStop" not in (epp_container(one(objs, "Deployment")).get("lifecycle") or {})
 
 
 def test_pod_is_locked_down(overlay: tuple[str, tuple[Obj, ...]]) -> None:
@@ -180,7 +178,7 @@ def test_replicas_spread_over_nodes(overlay: tuple[str, tuple[Obj, ...]]) -> Non
     assert by_node[0]["labelSelector"]["matchLabels"].items() <= labels.items()
 
 
-# --- Service, PDB, NetworkPolicy ----------------------------------------------------------------------------
+# --- Service, disruptions, NetworkPolicy --------------------------------------------------------------------
 
 
 def test_service_selects_the_pods_and_exposes_extproc_and_metrics(
@@ -200,12 +198,16 @@ def test_service_selects_the_pods_and_exposes_extproc_and_metrics(
     }
 
 
-def test_pdb_keeps_one_picker(overlay: tuple[str, tuple[Obj, ...]]) -> None:
+def test_no_disruption_budget_can_block_a_drain(overlay: tuple[str, tuple[Obj, ...]]) -> None:
+    """Only the leader is Ready, so a PodDisruptionBudget over the picker pods would either protect nothing
+    (the standby) or forbid evicting the leader for ever (a node drain that never ends). The evicted leader
+    releases the Lease on SIGTERM instead; the replicas never share a node (DoNotSchedule spread), so one
+    drain never takes both."""
     objs = objs_of(overlay)
-    pdb = one(objs, "PodDisruptionBudget")
-    assert pdb["spec"]["minAvailable"] == 1
-    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels(objs).items()
-    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # the standby is never Ready
+    labels = pod_labels(objs)
+    for pdb in of_kind(objs, "PodDisruptionBudget"):
+        assert not pdb["spec"]["selector"]["matchLabels"].items() <= labels.items(), pdb["metadata"]["name"]
+    assert config_of(objs)["leader_election"]["enabled"] is True
 
 
 def test_networkpolicy_admits_only_gateway_and_prometheus(overlay: tuple[str, tuple[Obj, ...]]) -> None:

@@ -27,7 +27,7 @@ async def picker(upstreams):
     })  # fmt: skip
     server = Server(config)
     ports = await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports.health}")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports.admin}")
     yield server, pb_grpc.AdminStub(channel), ups
     await channel.close()
     await server.stop()

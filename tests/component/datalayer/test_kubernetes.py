@@ -1,5 +1,6 @@
 """InferencePoolDiscovery against the stand-in Kubernetes API server (tests/support/kube_api.py: real HTTP on
-127.0.0.1 with list/watch semantics). Changes are awaited through `pool.on_changed`, never by sleeping."""
+127.0.0.1 with list/watch semantics), including the watch faults: a silent stall, events cut into pieces,
+429 with Retry-After. Changes are awaited through `pool.on_changed`, never by sleeping."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from support.kube_api import PODS, POOLS, KubeApi, make_pod, make_pool
 
 from epp.config import ConfigError, KubernetesConfig
+from epp.datalayer.discovery.kubeapi import Backoff, KubeClient
 from epp.datalayer.discovery.kubernetes import (
     ENGINE_LABEL,
     InferencePoolDiscovery,
@@ -25,6 +27,7 @@ from epp.datalayer.endpoints import EndpointPool
 
 APP = {"app": "llama"}
 LOGGER = "epp.datalayer.discovery.kubernetes"
+API_LOGGER = "epp.datalayer.discovery.kubeapi"
 TIMEOUT = 30.0  # hang guard for awaited events, never a timing assertion
 
 
@@ -66,10 +69,15 @@ def token_file(tmp_path: Path) -> Path:
     return path
 
 
+def fast_backoff() -> Backoff:
+    return Backoff(base_s=0.02, cap_s=0.1, jitter=0.0)
+
+
 @pytest.fixture
 async def follow(api: KubeApi, token_file: Path) -> AsyncIterator[Callable[..., Any]]:
-    """Factory: `await follow()` → (discovery, pool, Changes), following pool "llama" on the stand-in."""
-    started: list[InferencePoolDiscovery] = []
+    """Factory: `await follow()` → (discovery, pool, Changes), following pool "llama" on the stand-in.
+    Keyword arguments go to the KubeClient (e.g. watch_timeout_s)."""
+    started: list[tuple[InferencePoolDiscovery, KubeClient]] = []
 
     async def make(**kwargs: Any) -> tuple[InferencePoolDiscovery, EndpointPool, Changes]:
         config = KubernetesConfig(
@@ -81,15 +89,16 @@ async def follow(api: KubeApi, token_file: Path) -> AsyncIterator[Callable[..., 
         )
         pool = EndpointPool()
         changes = Changes(pool)
-        options = {"backoff_base_s": 0.02, "backoff_max_s": 0.1, "token_refresh_s": 0.05} | kwargs
-        discovery = InferencePoolDiscovery(pool, config, **options)
+        client = KubeClient(config, **({"token_refresh_s": 0.05} | kwargs))
+        discovery = InferencePoolDiscovery(pool, client, "llama", backoff=fast_backoff())
         await discovery.start()
-        started.append(discovery)
+        started.append((discovery, client))
         return discovery, pool, changes
 
     yield make
-    for discovery in started:
+    for discovery, client in started:
         await discovery.stop()
+        await client.close()
 
 
 async def synced(discovery: InferencePoolDiscovery) -> None:
@@ -299,7 +308,8 @@ async def test_api_server_down_at_start_then_up(token_file: Path, caplog: pytest
                               token_file=token_file, ca_file=None)  # fmt: skip
     pool = EndpointPool()
     changes = Changes(pool)
-    discovery = InferencePoolDiscovery(pool, config, backoff_base_s=0.02, backoff_max_s=0.05)
+    client = KubeClient(config)
+    discovery = InferencePoolDiscovery(pool, client, "llama", backoff=fast_backoff())
     with logged("lost the API server") as refused:
         await discovery.start()
         try:
@@ -314,6 +324,7 @@ async def test_api_server_down_at_start_then_up(token_file: Path, caplog: pytest
             assert len(errors(caplog, "lost the API server")) == 1
         finally:
             await discovery.stop()
+            await client.close()
             await api.stop()
 
 
@@ -439,7 +450,7 @@ async def test_forbidden_names_the_missing_permission(
     discovery, _, changes = await follow()
     await requests(api, "list", PODS, 3)
     [record] = errors(caplog, "403 Forbidden to list pods in namespace default")
-    assert "deploy/epp.yaml" in record.message and 'cannot list resource "pods"' in record.message
+    assert "deploy/base/rbac.yaml" in record.message and 'cannot list resource "pods"' in record.message
 
     api.allow(PODS, "list")
     await synced(discovery)
@@ -462,10 +473,12 @@ async def test_in_cluster_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "1")  # nothing listens: the loop just retries
     config = KubernetesConfig(inference_pool="llama", namespace_file=namespace_file, ca_file=None,
                               token_file=tmp_path / "absent")  # fmt: skip
-    discovery = InferencePoolDiscovery(EndpointPool(), config)
+    client = KubeClient(config)
+    discovery = InferencePoolDiscovery(EndpointPool(), client, "llama")
     await discovery.start()
     await discovery.stop()
-    assert (discovery.namespace, discovery.api_server) == ("serving", "https://127.0.0.1:1")
+    await client.close()
+    assert (client.namespace, client.api_server) == ("serving", "https://127.0.0.1:1")
 
 
 async def test_out_of_cluster_without_settings_is_a_config_error(
@@ -474,14 +487,14 @@ async def test_out_of_cluster_without_settings_is_a_config_error(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     config = KubernetesConfig(inference_pool="llama", namespace_file=tmp_path / "absent")
     with pytest.raises(ConfigError, match="namespace is not set"):
-        await InferencePoolDiscovery(EndpointPool(), config).start()
+        await KubeClient(config).open()
     config = KubernetesConfig(inference_pool="llama", namespace="default")
     with pytest.raises(ConfigError, match="KUBERNETES_SERVICE_HOST"):
-        await InferencePoolDiscovery(EndpointPool(), config).start()
+        await KubeClient(config).open()
     config = KubernetesConfig(inference_pool="llama", namespace="default", api_server="https://127.0.0.1:1",
                               ca_file=tmp_path / "no-ca.crt")  # fmt: skip
     with pytest.raises(ConfigError, match="ca_file"):
-        await InferencePoolDiscovery(EndpointPool(), config).start()
+        await KubeClient(config).open()
 
 
 def test_parse_pool_spec() -> None:
@@ -501,3 +514,62 @@ def test_pod_is_endpoint() -> None:
     assert not pod_is_endpoint({"metadata": {"name": "bare"}})
     assert endpoint_address("fd00::1", 8000) == "[fd00::1]:8000"
     assert endpoint_address("10.0.0.1", 8000) == "10.0.0.1:8000"
+
+
+# -- watch liveness: stalls, split events, throttling ----------------------------------------------------
+
+
+async def test_a_silent_watch_is_dropped_and_resumed_without_listing_again(
+    api: KubeApi, follow: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    api.put_pool(make_pool("llama", APP, [8000]))
+    api.put_pod(make_pod("a", "10.0.0.1", APP))
+    discovery, _, changes = await follow(watch_timeout_s=1, watch_grace_s=0.3)
+    await synced(discovery)
+    await requests(api, "watch", PODS, 1)
+    watches_before = api.count("watch", PODS)
+
+    api.stall_watches()  # no more bytes, no end of stream, no FIN: only the client's deadline can tell
+    api.put_pod(make_pod("b", "10.0.0.2", APP))  # never sent on the stalled watch
+    await changes.equals("10.0.0.1:8000", "10.0.0.2:8000")  # resumed from its resourceVersion: replayed
+    assert api.count("watch", PODS) > watches_before
+    assert api.count("list", PODS) == 1
+    assert any(r.name == API_LOGGER and "stalled" in r.getMessage() for r in caplog.records)
+    assert discovery._client.stalls >= 1
+
+
+async def test_events_cut_into_small_chunks_are_reassembled(api: KubeApi, follow: Callable[..., Any]) -> None:
+    api.split_events = 7  # every event (list results are whole) arrives in 7-byte pieces
+    api.put_pool(make_pool("llama", APP, [8000]))
+    discovery, _, changes = await follow()
+    await synced(discovery)
+    await requests(api, "watch", PODS, 1)
+    big = make_pod("b", "10.0.0.2", APP)
+    big["metadata"]["annotations"] = {"note": "x" * 70_000}  # larger than one read
+    api.put_pod(make_pod("a", "10.0.0.1", APP))
+    api.put_pod(big)
+    await changes.equals("10.0.0.1:8000", "10.0.0.2:8000")
+    api.delete_pod("a")
+    await changes.equals("10.0.0.2:8000")
+    assert api.count("list", PODS) == 1
+
+
+async def test_429_is_retried_after_retry_after(
+    api: KubeApi, follow: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    api.put_pool(make_pool("llama", APP, [8000]))
+    api.put_pod(make_pod("a", "10.0.0.1", APP))
+    api.throttle(count=2, retry_after=1)
+    discovery, _, changes = await follow()
+    await synced(discovery)
+    await changes.equals("10.0.0.1:8000")
+    [record] = errors(caplog, "429 Too Many Requests")
+    assert "retrying after 1 s (Retry-After)" in record.message and record.levelno == logging.WARNING
+
+
+async def test_api_connections_use_tcp_keepalive(api: KubeApi, follow: Callable[..., Any]) -> None:
+    api.put_pool(make_pool("llama", APP, [8000]))
+    discovery, _, _ = await follow()
+    await synced(discovery)
+    client = discovery._client
+    assert client.session.connector._socket_factory == client.keepalive.socket_factory
