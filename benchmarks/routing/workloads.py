@@ -76,7 +76,8 @@ class Workload:
     def sim_options(self, seed: int, time_scale: float = TIME_SCALE) -> dict[str, Any]:
         """Keyword options for `epp_lab.procs.sim` (the fleet of one run)."""
         options: dict[str, Any] = {
-            "profile": self.fleet.get("profile", PROFILE),
+            # A mixed fleet: one profile per replica (the simulator takes them comma-separated).
+            "profile": ",".join(self.fleet.get("profiles") or [self.fleet.get("profile", PROFILE)]),
             "time_scale": time_scale,
             "stream_interval": STREAM_INTERVAL,
             "seed": seed,

@@ -87,8 +87,9 @@ class FleetConfig:
     profile: str = field(
         default=DEFAULT_PROFILE,
         metadata=_cli(
-            "latency profile (prefill/decode/LoRA costs, default KV size); see epp_lab/sim/profiles.py",
-            choices=sorted(PROFILES),
+            "latency profile (prefill/decode/LoRA costs, default KV size; see epp_lab/sim/profiles.py: "
+            + ", ".join(sorted(PROFILES))
+            + "); a comma-separated list gives each replica its own (a mixed fleet), one name per replica",
         ),
     )
     num_gpu_blocks: int | None = field(
@@ -129,8 +130,12 @@ class FleetConfig:
             self.base_port and self.base_port + self.replicas - 1 > 65535
         ):
             problems.append(f"base_port {self.base_port} + {self.replicas} replicas is outside 0..65535")
-        if self.profile not in PROFILES:
-            problems.append(f"unknown profile {self.profile!r}; known: {', '.join(sorted(PROFILES))}")
+        profiles = self.profile.split(",")
+        for name in profiles:
+            if name not in PROFILES:
+                problems.append(f"unknown profile {name!r}; known: {', '.join(sorted(PROFILES))}")
+        if len(profiles) not in (1, self.replicas):
+            problems.append(f"{len(profiles)} profiles for {self.replicas} replicas: give one, or one each")
         if self.max_lora < 1:
             problems.append(f"max_lora must be >= 1 (got {self.max_lora})")
         if self.model in self.lora_adapters:
@@ -153,10 +158,11 @@ class FleetConfig:
         if problems:
             raise ValueError("invalid simulator config: " + "; ".join(problems))
 
-    def engine_config(self) -> EngineConfig:
-        """The settings of each replica's engine."""
+    def engine_config(self, replica: int = 0) -> EngineConfig:
+        """The settings of replica number `replica`'s engine (they differ only in a mixed fleet's profile)."""
+        profiles = self.profile.split(",")
         return EngineConfig(
-            profile=get_profile(self.profile),
+            profile=get_profile(profiles[replica % len(profiles)]),
             num_gpu_blocks=self.num_gpu_blocks,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,

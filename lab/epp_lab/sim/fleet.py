@@ -98,9 +98,9 @@ class SimFleet:
         try:
             if c.kv_events_port_offset:
                 socks, publishers = _with_publishers(socks, c)
-            for sock, publisher in zip(socks, publishers, strict=True):
+            for index, (sock, publisher) in enumerate(zip(socks, publishers, strict=True)):
                 port = sock.getsockname()[1]
-                replica = Replica(c)
+                replica = Replica(c, index)
                 replica.publisher = publisher
                 server = ReplicaServer(replica, port, self.stats)
                 # handler_cancellation: a client that goes away cancels its handler, which aborts its request.

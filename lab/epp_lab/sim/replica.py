@@ -49,12 +49,13 @@ def output_vocabulary(seed: int) -> list[str]:
 class Replica:
     """One vLLM-like replica: an engine, its driver task and what the HTTP layer needs to build requests."""
 
-    def __init__(self, config: FleetConfig) -> None:
+    def __init__(self, config: FleetConfig, index: int = 0) -> None:
+        """Replica number `index` of the fleet `config` describes."""
         self.config = config
         self.model = config.model
         self.adapters = config.lora_adapters
         self.served = frozenset((config.model, *config.lora_adapters))
-        self.engine = Engine(config.engine_config())
+        self.engine = Engine(config.engine_config(index))
         self.time_scale = config.time_scale
         self.seed = config.seed
         self.stream_interval = max(1, config.stream_interval)

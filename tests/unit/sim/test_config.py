@@ -30,8 +30,11 @@ def test_cli_defaults_and_flags_come_from_the_config_fields() -> None:
     config = cli.config_from_args(args)
     assert config.lora_adapters == ("sql", "chat")
     assert (config.num_gpu_blocks, config.time_scale, config.stream_interval) == (1200, 0.25, 16)
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["--profile", "tpu-v9"])
+
+
+def test_cli_rejects_an_unknown_profile_naming_the_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--profile", "tpu-v9"]) == 2
+    assert "unknown profile 'tpu-v9'; known: a100-llama3-8b" in capsys.readouterr().err
 
 
 def test_invalid_settings_are_listed_together() -> None:
@@ -57,3 +60,13 @@ def test_engine_takes_the_fleet_settings_and_the_profile_fills_the_rest() -> Non
     assert engine.max_num_batched_tokens == profile.max_num_batched_tokens
     default = Engine(EngineConfig())
     assert default.profile is PROFILES["h100-llama3-8b"] and default.num_gpu_blocks == 25_000
+
+
+def test_a_mixed_fleet_gives_each_replica_its_own_profile() -> None:
+    config = FleetConfig(replicas=4, profile="h100-llama3-8b,h100-llama3-8b,a100-llama3-8b,a100-llama3-8b")
+    names = [config.engine_config(i).profile.name for i in range(4)]
+    assert names == ["h100-llama3-8b", "h100-llama3-8b", "a100-llama3-8b", "a100-llama3-8b"]
+    with pytest.raises(ValueError, match="2 profiles for 4 replicas"):
+        FleetConfig(replicas=4, profile="h100-llama3-8b,a100-llama3-8b")
+    with pytest.raises(ValueError, match="unknown profile 'b200'"):
+        FleetConfig(replicas=2, profile="h100-llama3-8b,b200")
