@@ -9,9 +9,15 @@ from benchmarks.routing.arms import PEER_ARMS
 
 
 def candidates(rows: list[dict[str, Any]]) -> list[str]:
-    """The arms the targets are evaluated for: `epp` (defaults) and any tuning candidate `epp-tuned*`."""
+    """The arms the targets are evaluated for: `epp` (defaults), the latency-predicting profile
+    `epp-latency*` and any tuning candidate `epp-tuned*`."""
     present = dict.fromkeys(r["arm"] for r in rows)
-    return [a for a in present if a == "epp" or a.startswith("epp-tuned")]
+    return [a for a in present if a == "epp" or a.startswith(("epp-tuned", "epp-latency"))]
+
+
+NAIVE = ("round-robin", "least-request")
+PEER_WORKLOADS = ("shared-prefix", "multi-turn", "bursty", "rag")  # where peers' cache-awareness matters
+HELD_OUT_LOADS = (0.5, 0.75, 1.0)
 
 
 def targets(
@@ -143,4 +149,66 @@ def targets(
         ok_all if details else None,
         "; ".join(details) or "not measured",
     )
+    _wide_targets(rows, ours, add)
     return out
+
+
+def _wide_targets(rows: list[dict[str, Any]], ours: str, add: Any) -> None:
+    """The wider benchmark's targets (issue: scheduling that never loses), at 50/75/100 % of round-robin's
+    saturation: never worse than a naive balancer on any workload; <= 0.9x the best peer where peers are
+    cache-aware; a heterogeneous fleet <= 0.8x round-robin. `add` appends to the caller's list."""
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+
+    def each(workload: str) -> list[tuple[float, dict[str, Any]]]:
+        return [(load, e) for load in HELD_OUT_LOADS if (e := find(rows, workload, ours, load)) is not None]
+
+    # 5. Every workload: TTFT p90 <= 1.0x the better of round-robin and least-request.
+    details, ok_all = [], True
+    for w in workloads:
+        for load, e in each(w):
+            naive = [r for a in NAIVE if (r := find(rows, w, a, load))]
+            if not naive:
+                continue
+            best = min(naive, key=lambda r: r["ttft_p90_s"])
+            x = ratio(e["ttft_p90_s"], best["ttft_p90_s"])
+            ok = x is not None and x <= 1.0
+            ok_all &= ok
+            details.append(f"{w} {load:.0%}: {x:.2f}x {best['arm']}{'' if ok else ' (MISSED)'}")
+    add(
+        "every workload @50/75/100%: TTFT p90 <= 1.0x the better of round-robin and least-request",
+        ok_all if details else None,
+        "; ".join(details) or "not measured",
+    )
+    # 6. shared-prefix, multi-turn, bursty, RAG: TTFT p90 <= 0.9x the best peer.
+    details, ok_all = [], True
+    for w in PEER_WORKLOADS:
+        for load, e in each(w):
+            peers = [r for a in PEER_ARMS if (r := find(rows, w, a, load))]
+            if not peers:
+                continue
+            best = min(peers, key=lambda r: r["ttft_p90_s"])
+            x = ratio(e["ttft_p90_s"], best["ttft_p90_s"])
+            ok = x is not None and x <= 0.9
+            ok_all &= ok
+            details.append(f"{w} {load:.0%}: {x:.2f}x {best['arm']}{'' if ok else ' (MISSED)'}")
+    add(
+        "shared-prefix, multi-turn, bursty, RAG @50/75/100%: TTFT p90 <= 0.9x the best peer",
+        ok_all if details else None,
+        "; ".join(details) or "not measured",
+    )
+    # 7. Heterogeneous fleet: TTFT p90 <= 0.8x round-robin.
+    details, ok_all = [], True
+    for w in (w for w in workloads if w.startswith("hetero")):
+        for load, e in each(w):
+            rr = find(rows, w, BASELINE, load)
+            if rr is None:
+                continue
+            x = ratio(e["ttft_p90_s"], rr["ttft_p90_s"])
+            ok = x is not None and x <= 0.8
+            ok_all &= ok
+            details.append(f"{w} {load:.0%}: {x:.2f}x round-robin{'' if ok else ' (MISSED)'}")
+    add(
+        "heterogeneous fleet @50/75/100%: TTFT p90 <= 0.8x round-robin",
+        ok_all if details else None,
+        "; ".join(details) or "not measured",
+    )

@@ -87,7 +87,8 @@ def test_rates_never_go_negative() -> None:
 
 
 def scorer(**params: object) -> LatencyScorer:
-    return LatencyScorer(LatencyParams(**params))  # type: ignore[arg-type]
+    """A scorer on the predicted cost alone (locality 0) unless a test asks for the blend."""
+    return LatencyScorer(LatencyParams(**{"locality": 0.0, **params}))  # type: ignore[arg-type]
 
 
 def test_uncached_tokens_are_absolute_so_a_long_shared_prefix_wins_over_a_short_one() -> None:

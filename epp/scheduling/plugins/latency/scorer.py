@@ -14,8 +14,13 @@
                    this one would push out of e's full prefix cache (by the index: its uncached tokens beyond
                    the room left), priced at e's prefill rate: their next requests pay that recompute. So cold
                    prompts go where the cache has room, and no replica's cache is churned while others idle.
-    score(e)     = min cost / cost(e)  (1 for the best; 1 as well within `tie_s` of the best, so that nearly
+    speed(e)     = min cost / cost(e)  (1 for the best; 1 as well within `tie_s` of the best, so that nearly
                    equal costs are spread by the picker's random tie-break instead of herding)
+    score(e)     = (speed(e) + locality × held(e)) / (1 + locality): held(e) = the share of the prompt's
+                   blocks e holds (for a LoRA request, the mean of that and whether the adapter is
+                   resident). locality 0.5 by default: the prediction misses costs it cannot see (a warm
+                   conversation's next turns, KV-full queueing), and a modest pull towards the cache that
+                   already holds the prompt was better or equal on 6 of 7 workloads in the virtual lab.
 
 The herding guard is the backlog term itself, in seconds: every request sent to the cache-warm replica adds
 its uncached tokens to that replica's predicted wait until another replica is predicted faster.
@@ -33,8 +38,8 @@ and forgets endpoints that leave the pool.
 
 Parameters: the prefix index's as `prefix-cache` (block_chars, max_blocks, capacity_blocks, auto_capacity),
 prior rates (overhead_s 0.04, s_per_ktoken 0.15, s_per_10_running 0.005, lora_load_s 0.03, kv_full_s 0.3,
-slot_wait_s 1.0),
-eviction_weight 0.5, forgetting 0.99, tie_s 0.005, tpot_base_s 0.010, tpot_per_running_s 0.0001, learn true.
+slot_wait_s 1.0), eviction_weight 0.5, locality 0.5, forgetting 0.99, tie_s 0.005, tpot_base_s 0.010,
+tpot_per_running_s 0.0001, learn true.
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ class LatencyParams:
     kv_full_s: float = 0.3
     slot_wait_s: float = 1.0
     eviction_weight: float = 0.5
-    locality: float = 0.0
+    locality: float = 0.5
     forgetting: float = 0.99
     tie_s: float = 0.005
     tpot_base_s: float = 0.010
