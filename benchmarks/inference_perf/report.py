@@ -25,6 +25,7 @@ MEDIAN_KEYS = (
 )
 SUM_KEYS = ("sent", "ok", "errors")
 ROUTING_RESULTS = RESULTS_DIR / "routing.json"
+LATE_CLIENT_S = 0.05  # a run whose p99 schedule delay exceeds this was held up by the machine
 
 
 def _median(values: list[Any]) -> float | None:
@@ -45,6 +46,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[key] = _median([r["metrics"].get(key) for r in group])
         for key in SUM_KEYS:
             row[key] = sum(int(r["metrics"].get(key) or 0) for r in group)
+        p90s = [r["metrics"]["ttft_p90_s"] for r in group if r["metrics"].get("ttft_p90_s") is not None]
+        row["ttft_p90_min_s"], row["ttft_p90_max_s"] = (min(p90s), max(p90s)) if p90s else (None, None)
         row["fleet_hit_rate"] = _median([r["fleet"].get("prefix_hit_rate") for r in group])
         row["error_labels"] = sorted({label for r in group for label in r["metrics"].get("error_labels", {})})
         row["inference_perf_cores_max"] = max(
@@ -156,6 +159,7 @@ def markdown(head: dict[str, Any], rows: list[dict[str, Any]], runs: list[dict[s
                 str(r["errors"]) + (f" ({', '.join(r['error_labels'])})" if r["error_labels"] else ""),
                 _f(r["ttft_p50_s"]),
                 _f(r["ttft_p90_s"]),
+                f"{_f(r['ttft_p90_min_s'])}-{_f(r['ttft_p90_max_s'])}",
                 _f(r["ttft_p99_s"]),
                 _f(r["e2e_p50_s"]),
                 _f(r["output_tok_s"], 0),
@@ -176,6 +180,7 @@ def markdown(head: dict[str, Any], rows: list[dict[str, Any]], runs: list[dict[s
                 "errors",
                 "TTFT p50 (s)",
                 "TTFT p90 (s)",
+                "p90 min-max",
                 "TTFT p99 (s)",
                 "e2e p50 (s)",
                 "out tok/s",
@@ -234,6 +239,11 @@ def markdown(head: dict[str, Any], rows: list[dict[str, Any]], runs: list[dict[s
     cores = [
         r["inference_perf_cpu_s"] / r["inference_perf_wall_s"] for r in runs if r["inference_perf_wall_s"]
     ]
+    late = [
+        f"{r['arm']} {r['load']:.0%} repeat {r.get('repeat', 0)}"
+        for r in runs
+        if (r["metrics"].get("schedule_delay_p99_s") or 0) > LATE_CLIENT_S
+    ]
     failed = "".join(
         f"\n  - {f['arm']} at {f['load']:.0%} (repeat {f['repeat']}): {f['error'][:300]}"
         for f in head["failed_runs"]
@@ -244,7 +254,11 @@ def markdown(head: dict[str, Any], rows: list[dict[str, Any]], runs: list[dict[s
         "",
         "- inference-perf (its main process and worker, start-up and prompt generation included) used at "
         f"most {max(cores, default=0):.2f} of a core on average over a run; its p99 schedule delay (send "
-        f"time - scheduled time) was at most {max(delays, default=0) * 1000:.1f} ms.",
+        f"time - scheduled time) was at most {max(delays, default=0) * 1000:.1f} ms; "
+        f"{sum(d > LATE_CLIENT_S for d in delays)} of {len(runs)} runs had a p99 over "
+        f"{LATE_CLIENT_S * 1000:.0f} ms ({', '.join(late) or 'none'}): the client itself sent late "
+        "while both cores were busy (other tenants, and at 200 % the fleet and the routers), which widens "
+        "those runs' TTFT tails (see the p90 min-max column); ratios between arms remain large.",
         f"- Skipped arms: {head['skipped_arms'] or 'none'}; failed runs: {len(head['failed_runs'])}{failed}",
         "",
         "## Differences from upstream's published setup",

@@ -2,7 +2,7 @@
 
     ./benchmarks/inference_perf/setup                          # once: inference-perf's venv (Python 3.12+)
     .venv/bin/python -m benchmarks.inference_perf.run --quick  # 2 loads x 1 repeat (~6 min)
-    .venv/bin/python -m benchmarks.inference_perf.run          # 3 loads x 3 repeats (~25 min)
+    .venv/bin/python -m benchmarks.inference_perf.run          # 3 loads x 3 repeats (~22 min)
 
 The Gateway API Inference Extension project benchmarks endpoint pickers with inference-perf (PyPI
 `inference-perf`) and its shared-prefix data generator. This runner puts that tool in place of k6 in the
