@@ -25,7 +25,7 @@ from epp_lab.envoy_launcher import Envoy, EnvoyOptions, free_port
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 ENVOY_ARMS = {"round-robin": "ROUND_ROBIN", "least-request": "LEAST_REQUEST"}
 PEER_ARMS = tuple(peers.PINS)
-EPP_ARMS = ("epp", "epp-prefix-only", "epp-load-only")
+EPP_ARMS = ("epp", "epp-latency")  # more: any configs/epp-*.yaml (ablations, tuning)
 ALL_ARMS = (*ENVOY_ARMS, *PEER_ARMS, *EPP_ARMS)
 
 

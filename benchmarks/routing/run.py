@@ -1,11 +1,13 @@
 """Routing quality: does picking well make (simulated) inference faster? (docs: benchmarks.md, section A)
 
-    .venv/bin/python -m benchmarks.routing.run --quick      # ~12-15 min: 1 repeat, fewer QPS points
-    .venv/bin/python -m benchmarks.routing.run              # full: 3 repeats, the whole ladder (~1.5 h)
+    .venv/bin/python -m benchmarks.routing.run --quick      # ~15-20 min: 1 repeat, 75 % (+ shared-prefix's
+                                                            # 100 % and 200 %)
+    .venv/bin/python -m benchmarks.routing.run              # full: 3 repeats at 50/75/100 % (~2 h)
 
 Arms (arms.py): Envoy round-robin and least-request, the peers vllm-router and sglang-router (cache-aware,
-installed into their own venv on first run, see peers.py), and epp with configs/epp.yaml (defaults),
-epp-prefix-only and epp-load-only. Workloads and fleets: workloads.py.
+installed into their own venv on first run, see peers.py), epp with configs/epp.yaml (defaults) and
+epp-latency (the latency-predicting scorer); any other configs/epp-*.yaml is an arm on request (ablations
+epp-prefix-only, epp-load-only, tuning variants). Workloads and fleets: workloads.py.
 
 Method:
 1. Calibration (calibrate.py): round-robin's saturation QPS per workload, found on a virtual clock with
@@ -55,7 +57,7 @@ from epp_lab.envoy_launcher import find_envoy
 
 RESULTS = REPO / "benchmarks" / "results"
 LOADS = {  # fractions of round-robin's saturation QPS
-    "full": {"shared-prefix": (0.5, 0.75, 1.0, 1.25, 2.0), "*": (0.5, 0.75, 1.0, 1.25)},
+    "full": {"shared-prefix": (0.5, 0.75, 1.0, 2.0), "*": (0.5, 0.75, 1.0)},
     "quick": {"shared-prefix": (0.75, 1.0, 2.0), "*": (0.75,)},
 }
 CROSSCHECKS = (("round-robin", "shared-prefix", 0.75), ("epp", "shared-prefix", 0.75))
