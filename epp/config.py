@@ -325,6 +325,58 @@ class SchedulingConfig(StrictModel):
     seed: int | None = None  # random tie-breaks; None = nondeterministic
 
 
+class FlowControlConfig(StrictModel):
+    """Flow control (epp/flowcontrol/): while the endpoints a request may use are saturated, the request
+    waits in the picker instead of joining a model server's queue, and is dispatched (scheduled afresh) when
+    capacity frees. Bands by priority, served in strict order; within a band, flows (one per fairness id)
+    served fairly: `round-robin` (equal requests) or `token-weighted` (equal estimated tokens); FCFS within a
+    flow. Sheddable requests (priority < 0) get 429 while the pool is saturated by the shedding rule
+    (`scheduling.saturation`, as without flow control); short of that they wait like any other request,
+    behind every higher band.
+
+    Saturated = the saturation detector's formula (mean over the candidates of max(waiting / queue_threshold,
+    kv / kv_threshold), stale metrics 1.0; staleness from `scheduling.saturation`) counting as waiting the
+    picker's own dispatches since each endpoint's last scrape and its requests there not started yet (no
+    first byte), with the gate's own thresholds `queue_threshold` / `kv_threshold` (1 / 0.9, chosen by
+    benchmarks/flowcontrol; null: `scheduling.saturation`'s 5 / 0.8). They are tighter than the shedding
+    thresholds on purpose: a request should wait here, where priority and fairness apply, rather than in a
+    model server's first-come-first-served queue. Off by default: with every endpoint's metrics stale (a
+    scrape problem), every request would wait and fail (503) instead of being routed blind.
+
+    Limits (429 `queue_full`): `max_requests` / `max_bytes` (request bodies) over all bands,
+    `band_max_requests` / `band_max_bytes` per band (null: only the overall limit). A request waits at most
+    `ttl_s` (then 503 `queue_timeout`); while the pool has no endpoint at all, at most `no_endpoints_ttl_s`
+    (then 503 `no_endpoints`; 0: at once). With a BUFFERED request body, Envoy's `message_timeout` bounds the
+    picker's reply (5 s in envoy/buffered.yaml, Envoy's default 200 ms; past it Envoy answers 504 itself):
+    such a request waits at most `buffered_wait_s`, which must stay below that timeout, unless
+    `extend_message_timeout` is on: the picker then asks Envoy for `buffered_wait_s` + 1 s
+    (`override_message_timeout`) when it queues one, which Envoy grants only up to
+    the filter's `max_message_timeout` (unset: refused, with a warning per request)."""
+
+    enabled: bool = False
+    fairness: Literal["round-robin", "token-weighted"] = "round-robin"
+    ttl_s: float = Field(30.0, gt=0)
+    no_endpoints_ttl_s: float = Field(5.0, ge=0)
+    buffered_wait_s: float = Field(4.5, gt=0)
+    extend_message_timeout: bool = False
+    queue_threshold: float | None = Field(1.0, gt=0)
+    kv_threshold: float | None = Field(0.9, gt=0, le=1)
+    max_requests: int = Field(2000, ge=1)
+    max_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    band_max_requests: int | None = Field(1000, ge=1)
+    band_max_bytes: int | None = Field(256 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FlowControlConfig:
+        if self.no_endpoints_ttl_s > self.ttl_s:
+            raise ValueError("no_endpoints_ttl_s must not exceed ttl_s")
+        if self.band_max_requests is not None and self.band_max_requests > self.max_requests:
+            raise ValueError("band_max_requests must not exceed max_requests")
+        if self.band_max_bytes is not None and self.band_max_bytes > self.max_bytes:
+            raise ValueError("band_max_bytes must not exceed max_bytes")
+        return self
+
+
 class Config(StrictModel):
     server: ServerConfig = ServerConfig()
     pool: PoolConfig = PoolConfig()
@@ -334,6 +386,7 @@ class Config(StrictModel):
     limits: LimitsConfig = LimitsConfig()
     response: ResponseConfig = ResponseConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
+    flow_control: FlowControlConfig = FlowControlConfig()
     leader_election: LeaderElectionConfig = LeaderElectionConfig()
 
     @model_validator(mode="after")

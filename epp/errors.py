@@ -9,7 +9,8 @@ class Rejection(Exception):
     """A request we refuse: HTTP `status`, a machine-readable `code` and a message the user can act on.
 
     Codes are stable and documented: bad_request, model_required, model_not_found, body_too_large,
-    no_endpoints, subset_empty, saturated_shed, internal_error.
+    no_endpoints, subset_empty, saturated_shed, internal_error; flow control adds queue_full (429),
+    queue_timeout and shutting_down (503).
     """
 
     __slots__ = ("code", "message", "status")

@@ -111,7 +111,7 @@ class CandidateScore(_message.Message):
     def __init__(self, address: _Optional[str] = ..., dropped_by: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., total: _Optional[float] = ..., rank: _Optional[int] = ..., details: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("status", "error_code", "error_message", "destination", "model", "target_model", "priority", "prompt_tokens", "pool_saturation", "weights", "candidates", "details")
+    __slots__ = ("status", "error_code", "error_message", "destination", "model", "target_model", "priority", "prompt_tokens", "pool_saturation", "weights", "candidates", "details", "flow_control", "flow_reason", "gate_saturation", "queued_ahead")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,10 @@ class ExplainResponse(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     DETAILS_FIELD_NUMBER: _ClassVar[int]
+    FLOW_CONTROL_FIELD_NUMBER: _ClassVar[int]
+    FLOW_REASON_FIELD_NUMBER: _ClassVar[int]
+    GATE_SATURATION_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_AHEAD_FIELD_NUMBER: _ClassVar[int]
     status: int
     error_code: str
     error_message: str
@@ -150,4 +154,8 @@ class ExplainResponse(_message.Message):
     weights: _containers.ScalarMap[str, float]
     candidates: _containers.RepeatedCompositeFieldContainer[CandidateScore]
     details: _containers.ScalarMap[str, float]
-    def __init__(self, status: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., destination: _Optional[str] = ..., model: _Optional[str] = ..., target_model: _Optional[str] = ..., priority: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., pool_saturation: _Optional[float] = ..., weights: _Optional[_Mapping[str, float]] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., details: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    flow_control: str
+    flow_reason: str
+    gate_saturation: float
+    queued_ahead: int
+    def __init__(self, status: _Optional[int] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., destination: _Optional[str] = ..., model: _Optional[str] = ..., target_model: _Optional[str] = ..., priority: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., pool_saturation: _Optional[float] = ..., weights: _Optional[_Mapping[str, float]] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., details: _Optional[_Mapping[str, float]] = ..., flow_control: _Optional[str] = ..., flow_reason: _Optional[str] = ..., gate_saturation: _Optional[float] = ..., queued_ahead: _Optional[int] = ...) -> None: ...

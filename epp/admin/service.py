@@ -72,6 +72,8 @@ def explain(server: Server, request: pb.ExplainRequest) -> pb.ExplainResponse:
     out = pb.ExplainResponse(pool_saturation=result.pool_saturation)
     for scorer, weight in director.scheduler.scorers:
         out.weights[scorer.name] = weight
+    out.flow_control, out.flow_reason = result.flow_control, result.flow_reason
+    out.gate_saturation, out.queued_ahead = result.gate_saturation, result.queued_ahead
     if result.request is not None:
         sreq = result.request
         out.model, out.target_model, out.priority = sreq.model, sreq.target_model, sreq.priority

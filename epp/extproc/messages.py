@@ -13,10 +13,12 @@ from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.struct_pb2 import Struct
 
 from epp.errors import Rejection
 from epp.requestcontrol.headers import DESTINATION as DESTINATION_HEADER
+from epp.requestcontrol.headers import DROPPED_REASON as DROPPED_REASON_HEADER
 from epp.requestcontrol.headers import REJECT_REASON as REJECT_REASON_HEADER
 from epp.requestcontrol.headers import REQUEST_ID
 
@@ -152,9 +154,21 @@ def echo_response_body(chunk: bytes, end_of_stream: bool) -> bytes:
     return head + chunk + b"\x10\x01" if end_of_stream else head + chunk
 
 
+def override_message_timeout(seconds: float) -> pb.ProcessingResponse:
+    """Ask Envoy to wait `seconds` (from now) for the reply to the message it sent last; honoured only up to
+    the filter's `max_message_timeout` (ignored where that is unset). For requests held in flow control
+    while Envoy buffers the body (BUFFERED mode applies `message_timeout` to the picker's reply)."""
+    timeout = Duration()
+    timeout.FromMilliseconds(max(1, round(seconds * 1000)))
+    return pb.ProcessingResponse(override_message_timeout=timeout)
+
+
 def immediate(rejection: Rejection, request_id: str | None = None) -> pb.ProcessingResponse:
-    """End the request with our own status and an OpenAI-style JSON error body."""
+    """End the request with our own status and an OpenAI-style JSON error body. A dropped request (429 / 503:
+    shed, queue limits, queue timeout, no endpoints, shutting down) also says why in the llm-d header."""
     headers = [("content-type", "application/json"), (REJECT_REASON_HEADER, rejection.code)]
+    if rejection.status in (429, 503):
+        headers.append((DROPPED_REASON_HEADER, rejection.code))
     if request_id:
         headers.append((REQUEST_ID, request_id))
     return pb.ProcessingResponse(

@@ -106,6 +106,7 @@ class RequestMetrics:
     """Per-request counters and histograms (labels: model_name, target_model_name)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry  # flow control registers its metrics beside these (FlowControlMetrics)
         labels = ["model_name", "target_model_name"]
         self.requests = Counter(
             "inference_objective_request_total", "Requests the picker routed", labels, registry=registry
@@ -173,3 +174,95 @@ class RequestMetrics:
         if plugin_seconds:
             for name, value in plugin_seconds.items():
                 self._child(self.plugin_duration, name).observe(value)
+
+
+_QUEUE_BUCKETS = (  # upstream's
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+_FLOW_LABELS = ["fairness_id", "priority", "inference_pool", "model_name", "target_model_name"]
+MAX_FAIRNESS_LABELS = 100
+"""Distinct fairness ids given their own label value; later ones are reported as "other" (a client picks
+its fairness id: without a cap, one could create unbounded metric series)."""
+
+
+class FlowControlMetrics(Collector):
+    """Flow control (GIE names; labels `fairness_id`, `priority`, `inference_pool`, `model_name`,
+    `target_model_name`):
+
+    * `inference_extension_flow_control_request_queue_duration_seconds` (histogram, + `outcome`): time from
+      admission to the outcome, for every request while flow control is on (0 for those dispatched at
+      once); its `_count` by `outcome` counts the outcomes (Dispatched, RejectedSaturated,
+      RejectedCapacity, EvictedTTL, EvictedNoEndpoints, EvictedContextCancelled, ...).
+    * `inference_extension_flow_control_queue_size` / `_queue_bytes` (gauges, computed at scrape time):
+      requests and body bytes waiting now, per flow and band.
+    * `inference_extension_flow_control_pool_saturation` (gauge, `inference_pool`): the gate's level for
+      the whole pool (>= 1: requests wait).
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        pool_name: str,
+        snapshot: Callable[[], list[tuple[str, int, str, str, int, int]]],
+        saturation: Callable[[], float],
+    ) -> None:
+        self.pool_name = pool_name
+        self.snapshot = snapshot
+        self.saturation = saturation
+        self.duration = Histogram(
+            "inference_extension_flow_control_request_queue_duration_seconds",
+            "Time requests spend in the flow-control layer, from admission to their outcome",
+            ["fairness_id", "priority", "outcome", "inference_pool", "model_name", "target_model_name"],
+            buckets=_QUEUE_BUCKETS,
+            registry=registry,
+        )
+        self._children: dict[tuple[str, int, str, str, str], Any] = {}
+        self._fairness: set[str] = set()
+        registry.register(self)
+
+    def fairness_label(self, fairness_id: str) -> str:
+        if fairness_id in self._fairness:
+            return fairness_id
+        if len(self._fairness) < MAX_FAIRNESS_LABELS:
+            self._fairness.add(fairness_id)
+            return fairness_id
+        return "other"
+
+    def record(self, request: Any, outcome: str, seconds: float) -> None:
+        """One outcome (`request` is a SchedulingRequest)."""
+        key = (request.fairness_id, request.priority, outcome, request.model, request.target_model)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.duration.labels(
+                self.fairness_label(request.fairness_id), str(request.priority), outcome, self.pool_name,
+                request.model, request.target_model,
+            )  # fmt: skip
+        child.observe(seconds)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        size = GaugeMetricFamily(
+            "inference_extension_flow_control_queue_size",
+            "Requests waiting in flow control",
+            labels=_FLOW_LABELS,
+        )
+        size_bytes = GaugeMetricFamily(
+            "inference_extension_flow_control_queue_bytes",
+            "Body bytes of the requests waiting in flow control",
+            labels=_FLOW_LABELS,
+        )
+        totals: dict[tuple[str, str, str, str, str], list[int]] = {}
+        for fairness_id, priority, model, target, count, nbytes in self.snapshot():
+            key = (self.fairness_label(fairness_id), str(priority), self.pool_name, model, target)
+            entry = totals.setdefault(key, [0, 0])
+            entry[0] += count
+            entry[1] += nbytes
+        for key, (count, nbytes) in totals.items():
+            size.add_metric(list(key), count)
+            size_bytes.add_metric(list(key), nbytes)
+        saturation = GaugeMetricFamily(
+            "inference_extension_flow_control_pool_saturation",
+            "The flow-control gate's saturation of the whole pool (>= 1: requests wait)",
+            labels=["inference_pool"],
+        )
+        saturation.add_metric([self.pool_name], self.saturation())
+        yield from (size, size_bytes, saturation)

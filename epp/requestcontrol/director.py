@@ -1,7 +1,12 @@
 """The request director: the one place that orders the steps of a request, independent of the wire.
 
     decide:   parse body → resolve target model & priority → candidates (the gateway's subset, applied
-              once) → admission (shedding) → schedule (filters → scorers → picker) → in-flight count
+              once) → admission (shedding; with flow control: dispatch now, hold, or reject) → schedule
+              (filters → scorers → picker) → in-flight count
+    held:     with flow control, a request the admission holds waits in the flow controller's queue; when
+              capacity frees, the controller dispatches it: candidates (afresh) → schedule → in-flight
+              count, with the state of that moment (late binding); the wire awaits it and asks `resume`
+              for the decision (or the rejection: 429 / 503); a client gone while waiting is `abandon`ed
     then, as the wire reports them, the request's lifecycle:
     dispatched        the decision reply left: plugins' `pre_request` hooks (e.g. the prefix index learns)
     served_by         the gateway says another endpoint served it: the in-flight count moves there and the
@@ -12,7 +17,8 @@
                       after the first chunk (`response.follow: first-byte`): in-flight released,
                       `response_complete` hooks, request metrics
 
-`explain` runs the same `decide` steps as a dry run: nothing is counted, learned or dispatched.
+The lifecycle also tells flow control when capacity may have freed (first byte, finished).
+`explain` runs the same `decide` steps as a dry run: nothing is counted, learned, queued or dispatched.
 The ext_proc servicer owns the wire; this module owns the order; each step lives in its own module.
 """
 
@@ -25,10 +31,14 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from epp.config import Config
+from epp.config import Config, SaturationConfig
 from epp.datalayer.endpoints import Endpoint, EndpointPool
 from epp.errors import Rejection
-from epp.observability.metrics import RequestMetrics
+from epp.flowcontrol import controller as fc
+from epp.flowcontrol.controller import FlowController
+from epp.flowcontrol.gate import CapacityGate, SaturationGate
+from epp.flowcontrol.queues import QueuedRequest
+from epp.observability.metrics import FlowControlMetrics, RequestMetrics
 from epp.requestcontrol.admission import SaturationDetector
 from epp.requestcontrol.headers import (
     DEFAULT_FAIRNESS_ID,
@@ -89,6 +99,11 @@ class Explanation:
     endpoints: list[Endpoint] = field(default_factory=list)
     candidates: list[CandidateExplanation] = field(default_factory=list)
     details: dict[str, float] = field(default_factory=dict)
+    # Flow control's verdict: "off", "dispatch" (now), "queue" (held until capacity frees), "reject".
+    flow_control: str = "off"
+    flow_reason: str = ""
+    gate_saturation: float = 0.0  # the gate's level for this request's candidates
+    queued_ahead: int = 0  # queued requests that would go before it
 
 
 class Director:
@@ -100,8 +115,10 @@ class Director:
         metrics: RequestMetrics | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        gate: CapacityGate | None = None,
     ) -> None:
-        """`clock` is the one metrics are stamped with (staleness); tests pass a fixed one."""
+        """`clock` is the one metrics are stamped with (staleness); tests pass a fixed one. `gate` replaces
+        flow control's default capacity gate (`SaturationGate`)."""
         self.config = config
         self.pool = pool
         self.scheduler = scheduler
@@ -116,6 +133,32 @@ class Director:
         self._pre_request: list[PreRequest] = scheduler.hooks(PreRequest)
         self._response_started: list[ResponseStarted] = scheduler.hooks(ResponseStarted)
         self._response_complete: list[ResponseComplete] = scheduler.hooks(ResponseComplete)
+        self.flow: FlowController | None = None
+        self.gate: CapacityGate | None = None
+        self._flow_metrics: FlowControlMetrics | None = None
+        flow = config.flow_control
+        if flow.enabled:
+            saturation = config.scheduling.saturation
+            thresholds = SaturationConfig(
+                queue_threshold=flow.queue_threshold or saturation.queue_threshold,
+                kv_threshold=flow.kv_threshold or saturation.kv_threshold,
+                metrics_staleness_s=saturation.metrics_staleness_s,
+            )
+            gate_detector = SaturationDetector(thresholds, config.scheduling.scrape, clock)
+            self.gate = gate or SaturationGate(gate_detector, pool)
+            if metrics is not None:
+                self._flow_metrics = FlowControlMetrics(
+                    metrics.registry, config.pool.name, self._queue_snapshot, self._pool_level
+                )
+            scrape = config.scheduling.scrape
+            self.flow = FlowController(
+                flow, pool, self.gate, self.candidates, self._dispatch_held,
+                shedding=self.detector.saturation, poll_s=lambda: scrape.period(len(pool)),
+                record=self._flow_metrics.record if self._flow_metrics else None,
+                pool_name=config.pool.name,
+            )  # fmt: skip
+        self.buffered_wait_s = flow.buffered_wait_s
+        self.extend_message_timeout = flow.extend_message_timeout
 
     # -- the decision -----------------------------------------------------------------------------------
 
@@ -175,37 +218,76 @@ class Director:
             )
         return eligible
 
-    def admit(self, request: SchedulingRequest, candidates: list[Endpoint]) -> None:
-        """Shed a sheddable request while the endpoints it may use are saturated. With none at all there is
-        nothing to be saturated: scheduling answers 503 and says why."""
-        if candidates:
-            self.detector.admit(request.priority, candidates, self.config.pool.name)
+    def admit(self, request: SchedulingRequest, candidates: list[Endpoint]) -> bool:
+        """Admission. Without flow control: shed a sheddable request while the endpoints it may use are
+        saturated (with none at all there is nothing to be saturated: scheduling answers 503 and says why);
+        always False. With flow control: True when the request must wait in the queue (`FlowController.hold`:
+        saturated, queued requests ahead, or no endpoint at all). Raises Rejection (429) to shed."""
+        if self.flow is None:
+            if candidates:
+                self.detector.admit(request.priority, candidates, self.config.pool.name)
+            return False
+        return self.flow.hold(request, candidates)
 
     def decide(
-        self, headers: Mapping[str, str], body: bytes | None, subset: frozenset[str] | None = None
-    ) -> Decision:
+        self,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        subset: frozenset[str] | None = None,
+        *,
+        timed: bool = False,
+    ) -> Decision | QueuedRequest:
         """Choose the endpoint(s) and count the request in flight there. Raises `Rejection`. The caller
-        reports the lifecycle: `dispatched` once the reply left, then `finished` exactly once."""
+        reports the lifecycle: `dispatched` once the reply left, then `finished` exactly once.
+
+        With flow control the request may be held instead: the result is then its `QueuedRequest`; the caller
+        awaits its `ready` future, then calls `resume` (or `abandon`, if the client went away). `timed`: Envoy
+        bounds the wait for this reply (`message_timeout`, BUFFERED bodies): hold at most
+        `flow_control.buffered_wait_s`."""
         started = time.perf_counter()
         model = target = ""
-        state = CycleState()
         try:
             request, decoded, generated = self.prepare(headers, body)
             model, target = request.model, request.target_model
             candidates = self.candidates(subset)
-            self.admit(request, candidates)
-            result: SchedulingResult = self.scheduler.schedule(
-                request, state, candidates, count=1 + self.fallbacks
-            )
+            if self.admit(request, candidates):
+                assert self.flow is not None
+                if target == model:
+                    decoded = None  # needed only to re-encode a rewritten body: hold less memory
+                return self.flow.enqueue(
+                    request, subset, len(body) if body else 0, (decoded, generated, started),
+                    self.buffered_wait_s if timed else None,
+                )  # fmt: skip
+            decision = self._schedule(request, CycleState(), candidates, decoded, generated, started)
         except Rejection as rejection:
             if self.metrics:
                 self.metrics.rejected(model, target, rejection.code)
             raise
+        if self._flow_metrics is not None:
+            self._flow_metrics.record(request, fc.DISPATCHED, 0.0)  # at once (a held one: by the queue)
+        return decision
+
+    def _schedule(
+        self,
+        request: SchedulingRequest,
+        state: CycleState,
+        candidates: list[Endpoint],
+        decoded: dict | None,
+        generated: bool,
+        started: float,
+    ) -> Decision:
+        """Schedule among `candidates` and count the request in flight at the chosen endpoint."""
+        scheduling_started = time.perf_counter()
+        count = 1 + self.fallbacks
+        result: SchedulingResult = self.scheduler.schedule(request, state, candidates, count=count)
+        model, target = request.model, request.target_model
         if self.metrics:
-            self.metrics.scheduled(time.perf_counter() - started, result.plugin_seconds)
+            self.metrics.scheduled(time.perf_counter() - scheduling_started, result.plugin_seconds)
             self.metrics.started(model, target)
         chosen = result.endpoints[0]
         chosen.acquire(request.estimated_tokens)
+        if self.gate is not None:
+            self.gate.dispatched(chosen, request)
         new_body = None
         if decoded is not None and target != model:
             decoded["model"] = target
@@ -223,6 +305,46 @@ class Director:
             served=chosen,
             follow_to_end=self._follow_all or (every > 0 and self._decisions % every == 0),
         )
+
+    # -- held requests (flow control) -------------------------------------------------------------------
+
+    def _dispatch_held(self, item: QueuedRequest, candidates: list[Endpoint]) -> Decision:
+        """The flow controller dispatches a held request: schedule it now, on `candidates` as they are now.
+        A Rejection raised here reaches the client through `resume` (and is counted there)."""
+        decoded, generated, started = item.payload
+        return self._schedule(item.request, CycleState(), candidates, decoded, generated, started)
+
+    def resume(self, item: QueuedRequest) -> Decision:
+        """The outcome of a held request whose `ready` future is done: its decision, or raises the
+        Rejection it got (429 / 503)."""
+        if item.decision is not None:
+            decision: Decision = item.decision
+            return decision
+        rejection = item.rejection
+        if rejection is None:  # not settled: a caller bug
+            raise RuntimeError(f"request {item.request.request_id} resumed before its outcome")
+        if self.metrics:
+            self.metrics.rejected(item.request.model, item.request.target_model, rejection.code)
+        raise rejection
+
+    def abandon(self, item: QueuedRequest) -> None:
+        """The client went away while its request was held (or before the wire used its decision): free
+        the queue slot at once, or release the endpoint it had been dispatched to."""
+        if self.flow is None:
+            return
+        decision = self.flow.cancel(item)
+        if decision is not None:
+            item.decision = None
+            self.finished(decision, 0)
+
+    def _queue_snapshot(self) -> list[tuple[str, int, str, str, int, int]]:
+        return self.flow.snapshot() if self.flow is not None else []
+
+    def _pool_level(self) -> float:
+        pool = self.pool.all()
+        if self.gate is None or not pool:
+            return 1.0 if not pool else 0.0
+        return self.gate.saturation(None, pool)
 
     # -- the request's lifecycle ------------------------------------------------------------------------
 
@@ -257,6 +379,10 @@ class Director:
             return
         decision.first_byte = True
         endpoint = decision.served
+        if self.gate is not None:
+            self.gate.started(decision.endpoints[0])  # it left the server's queue: capacity may have freed
+            if self.flow is not None and self.flow.size:
+                self.flow.kick()
         if endpoint is None or not self._response_started:
             return
         seconds = time.perf_counter() - (decision.dispatched_at or decision.started)
@@ -267,6 +393,8 @@ class Director:
         """Exactly once per decided request, when the picker stops following it: its stream ended (success,
         error, or disconnect), or, `followed_to_end` False, the rest of the response passes without it."""
         endpoint = decision.served
+        if self.gate is not None and endpoint is not None and not decision.first_byte:
+            self.gate.started(decision.endpoints[0])  # ended without a first byte (error, client gone)
         if endpoint is not None:
             endpoint.release(decision.request.estimated_tokens)
             decision.served = None
@@ -276,10 +404,14 @@ class Director:
             error = None if 0 < status < 400 else ("client_disconnected" if status == 0 else f"http_{status}")
             duration = time.perf_counter() - decision.started if followed_to_end else None
             self.metrics.finished(decision.request.model, decision.request.target_model, duration, error)
+        if self.flow is not None and self.flow.size:
+            self.flow.kick()
 
     async def close(self) -> None:
-        """On shutdown, after the ext_proc server stopped taking streams (requests still waiting for a
-        decision get a clear error here once flow control holds any)."""
+        """On shutdown: requests held by flow control get 503 shutting_down now (and later arrivals that
+        would have to wait get it at once); requests with room are still dispatched."""
+        if self.flow is not None:
+            await self.flow.close()
 
     # -- dry run ----------------------------------------------------------------------------------------
 
@@ -293,7 +425,10 @@ class Director:
             request, _, _ = self.prepare(headers, body)
             out.request = request
             candidates = self.candidates(subset)
-            self.admit(request, candidates)
+            if self.flow is None:
+                self.admit(request, candidates)
+            else:
+                self._explain_flow(out, request, candidates, len(body) if body else 0)
             result = self.scheduler.schedule(
                 request, CycleState(), candidates, count=1 + self.fallbacks, explain=True
             )
@@ -309,6 +444,53 @@ class Director:
         ]
         out.candidates += result.explanation or []
         return out
+
+    def _explain_flow(
+        self, out: Explanation, request: SchedulingRequest, candidates: list[Endpoint], size: int
+    ) -> None:
+        """Flow control's verdict for `explain`, with its reason; raises the Rejection a request would get."""
+        flow = self.flow
+        assert flow is not None
+        verdict, level = flow.assess(request, candidates)
+        out.gate_saturation = level
+        out.queued_ahead = flow.queued_ahead(request.priority) if flow.size else 0
+        pool = self.config.pool.name
+        if verdict == fc.GO:
+            out.flow_control = "dispatch"
+            out.flow_reason = (
+                f"room: saturation {level:.2f} < 1.0 and nothing queued ahead"
+                if candidates
+                else "no endpoint at all and flow_control.no_endpoints_ttl_s is 0"
+            )
+            return
+        out.flow_control = "reject"
+        if verdict == fc.SHED:
+            out.flow_reason = "a sheddable request while the pool is saturated (shedding thresholds)"
+            raise fc.shed(request, level, pool)
+        if verdict == fc.CLOSED:
+            out.flow_reason = "the picker is shutting down"
+            raise fc.shutting_down()
+        problem = flow.limit_problem(request.priority, size)
+        if problem is not None:
+            out.flow_reason = f"a queue limit: {problem}"
+            raise Rejection(429, "queue_full", f"flow control queue is full: {problem}")
+        out.flow_control = "queue"
+        ttl = self.config.flow_control.ttl_s
+        if verdict == fc.HOLD_NO_ENDPOINTS:
+            wait = self.config.flow_control.no_endpoints_ttl_s
+            out.flow_reason = (
+                f"no endpoint at all: waits up to {wait:g} s for one to appear (scale from zero)"
+            )
+        elif verdict == fc.HOLD_BEHIND:
+            out.flow_reason = (
+                f"{out.queued_ahead} requests of priority >= {request.priority} are queued ahead; "
+                f"waits up to {ttl:g} s"
+            )
+        else:
+            out.flow_reason = (
+                f"pool '{pool}' is saturated for this request (saturation {level:.2f} >= 1.0, counting the "
+                f"picker's own dispatches since the last scrape); waits up to {ttl:g} s"
+            )
 
 
 def _objective_s(headers: Mapping[str, str], names: tuple[str, ...]) -> float | None:
