@@ -159,56 +159,37 @@ def _wide_targets(rows: list[dict[str, Any]], ours: str, add: Any) -> None:
     cache-aware; a heterogeneous fleet <= 0.8x round-robin. `add` appends to the caller's list."""
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
 
-    def each(workload: str) -> list[tuple[float, dict[str, Any]]]:
-        return [(load, e) for load in HELD_OUT_LOADS if (e := find(rows, workload, ours, load)) is not None]
+    def versus(name: str, among: list[str], rivals: tuple[str, ...], bound: float) -> None:
+        """TTFT p90 of `ours` <= `bound` x the best of `rivals`, at every load point of `among`."""
+        details, ok_all = [], True
+        for w in among:
+            for load in HELD_OUT_LOADS:
+                e = find(rows, w, ours, load)
+                present = [r for a in rivals if (r := find(rows, w, a, load))]
+                if e is None or not present:
+                    continue
+                best = min(present, key=lambda r: r["ttft_p90_s"])
+                x = ratio(e["ttft_p90_s"], best["ttft_p90_s"])
+                ok = x is not None and x <= bound
+                ok_all &= ok
+                details.append(f"{w} {load:.0%}: {x:.2f}x {best['arm']}{'' if ok else ' (MISSED)'}")
+        add(name, ok_all if details else None, "; ".join(details) or "not measured")
 
-    # 5. Every workload: TTFT p90 <= 1.0x the better of round-robin and least-request.
-    details, ok_all = [], True
-    for w in workloads:
-        for load, e in each(w):
-            naive = [r for a in NAIVE if (r := find(rows, w, a, load))]
-            if not naive:
-                continue
-            best = min(naive, key=lambda r: r["ttft_p90_s"])
-            x = ratio(e["ttft_p90_s"], best["ttft_p90_s"])
-            ok = x is not None and x <= 1.0
-            ok_all &= ok
-            details.append(f"{w} {load:.0%}: {x:.2f}x {best['arm']}{'' if ok else ' (MISSED)'}")
-    add(
+    versus(
         "every workload @50/75/100%: TTFT p90 <= 1.0x the better of round-robin and least-request",
-        ok_all if details else None,
-        "; ".join(details) or "not measured",
+        workloads,
+        NAIVE,
+        1.0,
     )
-    # 6. shared-prefix, multi-turn, bursty, RAG: TTFT p90 <= 0.9x the best peer.
-    details, ok_all = [], True
-    for w in PEER_WORKLOADS:
-        for load, e in each(w):
-            peers = [r for a in PEER_ARMS if (r := find(rows, w, a, load))]
-            if not peers:
-                continue
-            best = min(peers, key=lambda r: r["ttft_p90_s"])
-            x = ratio(e["ttft_p90_s"], best["ttft_p90_s"])
-            ok = x is not None and x <= 0.9
-            ok_all &= ok
-            details.append(f"{w} {load:.0%}: {x:.2f}x {best['arm']}{'' if ok else ' (MISSED)'}")
-    add(
+    versus(
         "shared-prefix, multi-turn, bursty, RAG @50/75/100%: TTFT p90 <= 0.9x the best peer",
-        ok_all if details else None,
-        "; ".join(details) or "not measured",
+        [w for w in PEER_WORKLOADS if w in workloads],
+        PEER_ARMS,
+        0.9,
     )
-    # 7. Heterogeneous fleet: TTFT p90 <= 0.8x round-robin.
-    details, ok_all = [], True
-    for w in (w for w in workloads if w.startswith("hetero")):
-        for load, e in each(w):
-            rr = find(rows, w, BASELINE, load)
-            if rr is None:
-                continue
-            x = ratio(e["ttft_p90_s"], rr["ttft_p90_s"])
-            ok = x is not None and x <= 0.8
-            ok_all &= ok
-            details.append(f"{w} {load:.0%}: {x:.2f}x round-robin{'' if ok else ' (MISSED)'}")
-    add(
+    versus(
         "heterogeneous fleet @50/75/100%: TTFT p90 <= 0.8x round-robin",
-        ok_all if details else None,
-        "; ".join(details) or "not measured",
+        [w for w in workloads if w.startswith("hetero")],
+        (BASELINE,),
+        0.8,
     )

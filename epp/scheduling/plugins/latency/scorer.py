@@ -62,16 +62,17 @@ from epp.scheduling.plugins.prefix_cache.scorer import PrefixCacheParams, Prefix
 from epp.scheduling.registry import PluginContext, register
 
 INFEASIBLE = 0.01  # score factor of candidates predicted to miss the request's objectives
+PRIOR = Rates()  # the model's prior rates: the defaults of the parameters of the same names
 
 
 @dataclass(frozen=True, slots=True)
 class LatencyParams:
-    overhead_s: float = 0.04
-    s_per_ktoken: float = 0.15
-    s_per_10_running: float = 0.005
-    lora_load_s: float = 0.03
-    kv_full_s: float = 0.3
-    slot_wait_s: float = 1.0
+    overhead_s: float = PRIOR.overhead_s
+    s_per_ktoken: float = PRIOR.s_per_ktoken
+    s_per_10_running: float = PRIOR.s_per_10_running
+    lora_load_s: float = PRIOR.lora_load_s
+    kv_full_s: float = PRIOR.kv_full_s
+    slot_wait_s: float = PRIOR.slot_wait_s
     eviction_weight: float = 0.5
     locality: float = 0.5
     forgetting: float = 0.99

@@ -52,6 +52,7 @@ from epp.scheduling.plugins.prefix_cache.index import (
     PrefixIndex,
     block_hashes,
 )
+from epp.scheduling.plugins.prefix_cache.scorer import load_guard
 from epp.scheduling.registry import PluginContext, register
 
 log = logging.getLogger(__name__)
@@ -297,13 +298,7 @@ class PrecisePrefixScorer:
                 total = len(mine.approx)
                 for i, g in zip(stale, guess, strict=True):
                     scores[i] = max(scores[i], g / total)
-        if self.load_gap > 0 and any(scores):
-            loads = [e.load for e in candidates]
-            floor = min(loads) + self.load_gap
-            for i, load in enumerate(loads):
-                if scores[i] and load > floor:
-                    scores[i] *= self.load_gap / (load - floor + self.load_gap)
-        return scores
+        return load_guard(scores, candidates, self.load_gap)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 

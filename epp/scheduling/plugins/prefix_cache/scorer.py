@@ -58,6 +58,19 @@ class _RequestState:
         self.matches: list[int] | None = None
 
 
+def load_guard(scores: list[float], candidates: Sequence[Endpoint], load_gap: float) -> list[float]:
+    """The herding guard of the prefix scorers, in place: an endpoint whose load (requests) exceeds the
+    least loaded candidate's by more than `load_gap` keeps score × load_gap / (load − min load) of its
+    affinity (0 = no guard). So a warm cache attracts requests until its queue costs more than the match."""
+    if load_gap > 0 and any(scores):
+        loads = [e.load for e in candidates]
+        floor = min(loads) + load_gap
+        for i, load in enumerate(loads):
+            if scores[i] and load > floor:
+                scores[i] *= load_gap / (load - floor + load_gap)
+    return scores
+
+
 class PrefixCacheScorer:
     """Prefix-cache affinity: the share of the prompt's leading 64-character blocks an endpoint is believed
     to hold, discounted once the endpoint runs more than `load_gap` requests ahead of the least loaded one.
@@ -120,14 +133,7 @@ class PrefixCacheScorer:
             return [0.0] * len(candidates)
         matches = self.matched_blocks(request, state, candidates)
         total = len(hashes)
-        scores = [m / total for m in matches]
-        if self.load_gap > 0 and any(scores):
-            loads = [e.load for e in candidates]
-            floor = min(loads) + self.load_gap
-            for i, load in enumerate(loads):
-                if scores[i] and load > floor:
-                    scores[i] *= self.load_gap / (load - floor + self.load_gap)
-        return scores
+        return load_guard([m / total for m in matches], candidates, self.load_gap)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
