@@ -62,6 +62,8 @@ class Outcome:
     cached_tokens: int
     lora_loads: int
     span: float
+    # (replica, predicted TTFT, observed TTFT) of every streamed request a `latency` scorer predicted
+    predictions: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
         ttft = sorted(t for t in self.ttft if t == t)
@@ -83,6 +85,8 @@ class Outcome:
 
 
 class Policy:
+    predictions: list[tuple[int, float, float]]
+
     def route(self, i: int, body: dict[str, Any], sim: SimRequest, now: float) -> int:
         raise NotImplementedError
 
@@ -138,6 +142,7 @@ class Picker(Policy):
         self.started = self.scheduler.hooks(ResponseStarted)
         self.complete = self.scheduler.hooks(ResponseComplete)
         self.live: dict[int, tuple[SchedulingRequest, CycleState, Endpoint, float]] = {}
+        self.predictions = []
 
     def route(self, i: int, body: dict[str, Any], sim: SimRequest, now: float) -> int:
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
@@ -172,6 +177,10 @@ class Picker(Policy):
 
     def first_token(self, i: int, now: float) -> None:
         request, state, endpoint, sent = self.live.pop(i)
+        p = state.get("latency")
+        if p is not None and endpoint.address in p.addresses:
+            predicted = p.ttft[p.addresses.index(endpoint.address)]
+            self.predictions.append((self.endpoints.index(endpoint), predicted, now - sent))
         for hook in self.started:
             hook.response_started(request, state, endpoint, now - sent)
         endpoint.release(request.estimated_tokens)  # response.follow: first-byte
@@ -260,6 +269,7 @@ def run(workload: Workload, qps: float, name: str, seed: int = 7, scrape_s: floa
         cached_tokens=sum(e.stats.cached_tokens for e in engines),
         lora_loads=sum(e.stats.lora_loads for e in engines),
         span=span,
+        predictions=getattr(router, "predictions", []),
     )
 
 
@@ -293,8 +303,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="run every replica on this latency profile instead of the workload's (e.g. "
         "h100-llama3-8b-fast-prefill); in a mixed fleet, it replaces the default profile's replicas",
     )
+    parser.add_argument(
+        "--prediction-errors",
+        type=Path,
+        default=None,
+        help="write the latency scorer's prediction error per replica (predicted vs observed TTFT of every "
+        "streamed request, first seed) to this .md, with a .png beside it",
+    )
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
+    errors: list[tuple[str, float, str, list[tuple[int, float, float]]]] = []
     for wname in args.workloads.split(","):
         workload = WORKLOADS[wname]
         if args.profile:
@@ -303,12 +321,77 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\n## {wname}: round-robin saturates at {sat:.2f} req/s (simulated)", flush=True)
         for load in (float(x) for x in args.loads.split(",")):
             for pname in args.policies.split(","):
-                rows = [run(workload, sat * load, pname, seed).summary() for seed in seeds]
+                outcomes = [run(workload, sat * load, pname, seed) for seed in seeds]
+                rows = [o.summary() for o in outcomes]
+                if outcomes[0].predictions:
+                    errors.append((wname, load, pname, outcomes[0].predictions))
                 med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
                 print(
                     f"  {load:>4.0%} {pname:<22} " + " ".join(f"{k} {v:g}" for k, v in med.items()),
                     flush=True,
                 )
+    if args.prediction_errors is not None:
+        write_prediction_errors(
+            args.prediction_errors, errors, " ".join(sys.argv[1:] if argv is None else argv)
+        )
+
+
+def write_prediction_errors(
+    out: Path, errors: list[tuple[str, float, str, list[tuple[int, float, float]]]], command: str
+) -> None:
+    """Per workload, load, policy and replica: requests, mean predicted and observed TTFT, bias (observed −
+    predicted, mean) and the mean and p90 absolute error; and a scatter of predicted vs observed."""
+    import datetime as dt
+    import platform
+
+    lines = [
+        "# Latency scorer: predicted vs observed time to first token (virtual lab)",
+        "",
+        f"`.venv/bin/python -m benchmarks.routing.virtual {command}` on "
+        f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M')} UTC ({platform.node() or 'host'}, "
+        f"{platform.machine()}). Virtual clock: the simulator's engines and the picker's own scheduler; "
+        "first seed; seconds of simulated time. Bias > 0: the model predicted too little.",
+        "",
+        "| workload | load | policy | replica | requests | predicted mean | observed mean | bias | "
+        "abs error mean | abs error p90 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for wname, load, pname, predictions in errors:
+        for k in sorted({r for r, _, _ in predictions}):
+            pairs = [(pr, ob) for r, pr, ob in predictions if r == k]
+            abs_err = sorted(abs(ob - pr) for pr, ob in pairs)
+            predicted = statistics.fmean(pr for pr, _ in pairs)
+            observed = statistics.fmean(ob for _, ob in pairs)
+            lines.append(
+                f"| {wname} | {load:.0%} | {pname} | {k} | {len(pairs)} | {predicted:.3f} | {observed:.3f} | "
+                f"{observed - predicted:+.3f} | {statistics.fmean(abs_err):.3f} | "
+                f"{abs_err[min(len(abs_err) - 1, int(0.9 * len(abs_err)))]:.3f} |"
+            )
+    out.write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(w, load, pn, pr) for w, load, pn, pr in errors]
+    cols = min(4, len(panels)) or 1
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    for ax, (wname, load, pname, predictions) in zip(axes.flat, panels, strict=False):
+        top = max(max(pr, ob) for _, pr, ob in predictions)
+        for k in sorted({r for r, _, _ in predictions}):
+            xs = [pr for r, pr, _ in predictions if r == k]
+            ys = [ob for r, _, ob in predictions if r == k]
+            ax.scatter(xs, ys, s=6, alpha=0.6, label=f"replica {k}")
+        ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
+        ax.set_title(f"{wname} @{load:.0%} ({pname})", fontsize=9)
+        ax.set_xlabel("predicted TTFT (s)", fontsize=8)
+        ax.set_ylabel("observed TTFT (s)", fontsize=8)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=90)
 
 
 if __name__ == "__main__":
