@@ -17,6 +17,10 @@ import orjson
 from epp.config import CHARS_PER_TOKEN
 from epp.errors import Rejection, bad_request
 
+# Deepest JSON nesting accepted (the body itself is level 1): orjson encodes at most 254 levels, and a body
+# the picker accepts must re-encode (a model rewrite; an image part's reference). Deeper is a 400.
+MAX_JSON_DEPTH = 254
+
 
 @dataclass(slots=True)
 class ParsedRequest:
@@ -123,14 +127,33 @@ def _int_field(body: dict[str, Any], *names: str) -> int:
     return 0
 
 
+def _too_deep(value: Any) -> bool:
+    """True if `value` nests deeper than MAX_JSON_DEPTH (iterative: no recursion on hostile input)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values() if isinstance(child, dict | list))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item if isinstance(child, dict | list))
+    return False
+
+
 def parse_request(raw: bytes, path: str) -> ParsedRequest:
     """Decode and validate the body. Raises `Rejection` (400) with the reason on bad input."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
+        if str(err).startswith("depth limit exceeded"):  # orjson's own limit (1024 levels)
+            raise bad_request(f"request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
         raise bad_request(f"request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
+    # Cheap test first: a body with fewer brackets than the limit cannot nest that deep.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _too_deep(body):
+        raise bad_request(f"request body is nested more than {MAX_JSON_DEPTH} levels deep")
     model = body.get("model")
     if model is None or model == "":
         raise bad_request("'model' is required", code="model_required")
@@ -178,4 +201,4 @@ def parse_request(raw: bytes, path: str) -> ParsedRequest:
     )
 
 
-__all__ = ["ParsedRequest", "Rejection", "parse_request"]
+__all__ = ["MAX_JSON_DEPTH", "ParsedRequest", "Rejection", "parse_request"]
