@@ -186,7 +186,11 @@ class _Page:
         if not values:
             self.problems.append(Problem("missing", str(source)))
             return 0.0
-        return math.fsum(values)
+        try:
+            return math.fsum(values)
+        except OverflowError:  # finite values whose sum is not (a lying server): no usable value
+            self.problems.append(Problem("missing", str(source), "its series sum beyond any float"))
+            return 0.0
 
     def highest(self, sources: tuple[Source, ...], required: bool) -> float:
         """Max over series of the first of `sources` having a finite sample (0 if none; missing if
