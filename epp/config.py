@@ -27,6 +27,10 @@ ADMIN_PORT = 9004  # ours: the admin gRPC API (ListEndpoints, Explain), plaintex
 METRICS_PORT = 9090
 MAX_BODY_BYTES = 16 * 1024 * 1024  # ours: generous for 32k-token prompts with images as URLs
 BODY_CHUNK_BYTES = 62_000  # Envoy limits a streamed_response chunk to ~64 KiB
+# Ours: what clients can make the picker hold (LimitsConfig).
+MAX_STREAMS = 10_000  # open ext_proc streams (Envoy's default circuit breaker: 1024 per gateway replica)
+MAX_BUFFERED_BYTES = 1024 * 1024 * 1024  # request bodies being collected, all streams (pod limit: 4 GiB)
+BODY_TIMEOUT_S = 60.0  # from a stream's start to the end of its request body
 CHARS_PER_TOKEN = 4  # token estimate where no tokenizer is used: tokens = ceil(characters / 4)
 # The local pool of `epp sim` (4 simulated vLLM replicas from port 8100): `epp sim` + `epp serve` just work.
 LOCAL_ENDPOINTS = ("127.0.0.1:8100", "127.0.0.1:8101", "127.0.0.1:8102", "127.0.0.1:8103")
@@ -232,10 +236,44 @@ class Objective(StrictModel):
 
 
 class LimitsConfig(StrictModel):
+    """What one client, or many, can make the picker hold (README "Security and threat model").
+
+    A request body is collected (FULL_DUPLEX_STREAMED) up to `max_body_bytes` (413 beyond; a chunk past the
+    limit is not kept); the bodies being collected by all streams together up to `max_buffered_bytes` (503
+    `buffers_full` for the stream whose chunk would pass it); a stream gets `body_timeout_s` from its start
+    to the end of its request body (408 `body_timeout`: a client dripping its body a few bytes at a time
+    cannot hold a stream and its buffer longer); at most `max_streams` ext_proc streams are open at once
+    (503 `too_many_streams` for the next one, answered on its first message). Requests held by flow control
+    have their own limits (`flow_control.max_requests`, `max_bytes`, `ttl_s`)."""
+
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
     body_chunk_bytes: int = Field(BODY_CHUNK_BYTES, ge=1024, le=65_000)
     # Extra endpoints after the chosen one in the destination header, for Envoy's override_host policy.
     fallback_endpoints: int = Field(0, ge=0, le=16)
+    max_streams: int = Field(MAX_STREAMS, ge=1)
+    max_buffered_bytes: int = Field(MAX_BUFFERED_BYTES, ge=1024)
+    body_timeout_s: float = Field(BODY_TIMEOUT_S, gt=0)
+
+    @model_validator(mode="after")
+    def _buffer_holds_one_body(self) -> LimitsConfig:
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise ValueError("max_buffered_bytes must be at least max_body_bytes")
+        return self
+
+
+ControlHeader = Literal["objective", "fairness_id", "slo", "model_rewrite"]
+
+
+class SecurityConfig(StrictModel):
+    """Which control headers the picker honours (names: epp/requestcontrol/headers.py): `objective`
+    (x-llm-d-inference-objective / x-gateway-inference-objective), `fairness_id`
+    (x-llm-d-inference-fairness-id / x-gateway-...), `slo` (x-llm-d-slo-ttft-ms / -tpot-ms, x-slo-*),
+    `model_rewrite` (x-llm-d-model-name-rewrite / x-gateway-...). The picker cannot tell who set a header:
+    one not listed is ignored and removed from the request before it goes upstream. `model_rewrite` is off
+    by default (a client could bypass the model rules); list it only when the gateway sets it and strips
+    the client's copy."""
+
+    trusted_control_headers: tuple[ControlHeader, ...] = ("objective", "fairness_id", "slo")
 
 
 class ResponseConfig(StrictModel):
@@ -384,6 +422,7 @@ class Config(StrictModel):
     objectives: tuple[Objective, ...] = ()
     default_priority: int = 0
     limits: LimitsConfig = LimitsConfig()
+    security: SecurityConfig = SecurityConfig()
     response: ResponseConfig = ResponseConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
     flow_control: FlowControlConfig = FlowControlConfig()

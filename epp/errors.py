@@ -10,7 +10,8 @@ class Rejection(Exception):
 
     Codes are stable and documented: bad_request, model_required, model_not_found, body_too_large,
     no_endpoints, subset_empty, saturated_shed, internal_error; flow control adds queue_full (429),
-    queue_timeout and shutting_down (503).
+    queue_timeout and shutting_down (503); the wire's limits add body_timeout (408), buffers_full and
+    too_many_streams (503).
     """
 
     __slots__ = ("code", "message", "status")

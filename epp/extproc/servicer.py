@@ -31,11 +31,23 @@ nothing else is raced: when Envoy resets the stream, grpc cancels `Process` and 
 at once), then sends `stream.resume()`: the decision replies, or the rejection, in the order they would have
 had at once. In FULL_DUPLEX_STREAMED mode Envoy puts no deadline on the reply; the flow-control TTL does.
 
+Limits (`LimitsConfig`; README "Security and threat model"): a body chunk that would take the request past
+`max_body_bytes` (413), or all streams' collected bodies past `max_buffered_bytes` (503 `buffers_full`), is
+never kept; the request side must be complete within `body_timeout_s` of the stream's start (408
+`body_timeout`: the servicer bounds each read until then); beyond `max_streams` open streams a new stream is
+answered 503 `too_many_streams` on its first message and ended. After any rejection the servicer ends the
+stream (Envoy sends nothing more after an ImmediateResponse). A second `request_headers` on one stream is not
+a request Envoy sends: the stream ends with gRPC INVALID_ARGUMENT rather than mixing two requests' state.
+Control headers the config does not trust (`security.trusted_control_headers`) are dropped before the
+director sees the headers, and removed from the request that goes upstream; an unusable `x-request-id`
+(control characters, non-ASCII, over 256 characters) is replaced by a generated one.
+
 `RequestStream.handle` is synchronous and pure wire logic, so unit tests drive it with scripted messages.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -50,7 +62,7 @@ from epp.errors import Rejection
 from epp.extproc import messages as msg
 from epp.flowcontrol.queues import QueuedRequest
 from epp.requestcontrol.director import Decision, Director
-from epp.requestcontrol.headers import REQUEST_ID
+from epp.requestcontrol.headers import REQUEST_ID, valid_request_id
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +113,30 @@ class Wait:
 Replies = tuple[pb.ProcessingResponse, ...] | list[pb.ProcessingResponse]
 
 
+class BodyBudget:
+    """Request-body bytes all streams of a servicer are collecting, against `limits.max_buffered_bytes`."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class RequestStream:
     """State of one ext_proc stream (one HTTP request)."""
 
     __slots__ = (
         "_body",
         "_body_size",
+        "_budget",
+        "_buffered",
         "_decided",
         "_duplex",
         "_held",
+        "_removed",
         "_response_mode",
+        "_seen_headers",
         "_status",
         "_streamed_override",
         "_undispatched",
@@ -119,11 +145,17 @@ class RequestStream:
         "done",
         "headers",
         "limits",
+        "stopped_early",
         "subset",
+        "violation",
     )
 
     def __init__(
-        self, director: Director, limits: LimitsConfig, response: ResponseConfig | None = None
+        self,
+        director: Director,
+        limits: LimitsConfig,
+        response: ResponseConfig | None = None,
+        budget: BodyBudget | None = None,
     ) -> None:
         self.director = director
         self.limits = limits
@@ -131,6 +163,12 @@ class RequestStream:
         self.subset: frozenset[str] | None = None
         self.decision: Decision | None = None
         self.done = False  # the picker needs no further message: the servicer ends the gRPC stream
+        self.stopped_early = False  # done after the first response chunk (response.follow: first-byte)
+        self.violation: str | None = None  # a sequence Envoy never sends: end the stream with an error
+        self._budget = budget
+        self._buffered = 0  # bytes of `_body` counted in `_budget`
+        self._seen_headers = False
+        self._removed: list[str] = []  # untrusted request headers present: removed from the upstream request
         self._duplex = False
         self._response_mode = _FULL_DUPLEX  # until Envoy says otherwise (protocol_config)
         self._streamed_override = (response or ResponseConfig()).streamed_override
@@ -164,7 +202,23 @@ class RequestStream:
         return _NO_RESPONSES
 
     # -- request side -----------------------------------------------------------------------------------
+    @property
+    def collecting(self) -> bool:
+        """The request side is not complete yet (no decision, no rejection): `limits.body_timeout_s` runs."""
+        return not self._decided
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Request-body bytes this stream holds while collecting (at most `limits.max_body_bytes`)."""
+        return self._body_size if not self._decided else 0
+
     def _on_request_headers(self, message: pb.ProcessingRequest) -> Any:
+        if self._seen_headers or self._decided:
+            # Envoy sends the request headers once, first: anything else would mix two requests' state.
+            self.violation = "request_headers received twice, or after the request body"
+            self.done = True
+            return _NO_RESPONSES
+        self._seen_headers = True
         if message.HasField("protocol_config"):
             config = message.protocol_config
             self._duplex = config.request_body_mode == _FULL_DUPLEX
@@ -174,6 +228,13 @@ class RequestStream:
             headers[header.key] = (
                 header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
             )
+        for name in self.director.untrusted_headers:
+            if name in headers:
+                del headers[name]
+                self._removed.append(name)
+        request_id = headers.get(REQUEST_ID)
+        if request_id is not None and not valid_request_id(request_id):
+            del headers[REQUEST_ID]  # the director generates one and sets it upstream
         if message.HasField("metadata_context"):
             self.subset = _subset_hint(message.metadata_context)
         if message.request_headers.end_of_stream:
@@ -188,6 +249,7 @@ class RequestStream:
         chunk = body.body
         self._body_size += len(chunk)
         if self._body_size > self.limits.max_body_bytes:
+            self.count_rejection("body_too_large")
             return self._reject(
                 Rejection(
                     413,
@@ -197,6 +259,20 @@ class RequestStream:
                 )
             )
         if chunk:
+            budget = self._budget
+            if budget is not None:
+                if budget.used + len(chunk) > budget.limit:
+                    self.count_rejection(BUFFERS_FULL)
+                    return self._reject(
+                        Rejection(
+                            503,
+                            BUFFERS_FULL,
+                            "the endpoint picker is collecting too many request bodies at once "
+                            f"({budget.limit} bytes, limits.max_buffered_bytes); retry later",
+                        )
+                    )
+                budget.used += len(chunk)
+                self._buffered += len(chunk)
             self._body.append(chunk)
         if body.end_of_stream or not self._duplex:
             return self._decide(body=b"".join(self._body), headers_reply=self._duplex, end_of_stream=True)
@@ -214,6 +290,7 @@ class RequestStream:
     ) -> Replies | Wait:
         self._decided = True
         self._body = []
+        self._release_buffer()
         timed = not self._duplex  # Envoy's message_timeout bounds the reply (BUFFERED, or headers-only)
         try:
             outcome = self.director.decide(self.headers, body, self.subset, timed=timed)
@@ -251,21 +328,46 @@ class RequestStream:
         self.decision = self._undispatched = decision
         headers = decision.response_headers()
         if body is None:  # bodyless
-            return (msg.decision_headers_response(headers, decision.destination),)
+            return (self._strip(msg.decision_headers_response(headers, decision.destination)),)
         if headers_reply:  # FULL_DUPLEX_STREAMED
-            out = [msg.decision_headers_response(headers, decision.destination)]
+            out = [self._strip(msg.decision_headers_response(headers, decision.destination))]
             new_body = decision.new_body if decision.new_body is not None else body
             out.extend(msg.streamed_request_body(new_body, self.limits.body_chunk_bytes, end_of_stream))
             if trailers:
                 out.append(msg.REQUEST_TRAILERS_CONTINUE)
             return out
-        return (msg.decision_body_response(headers, decision.destination, decision.new_body),)
+        return (self._strip(msg.decision_body_response(headers, decision.destination, decision.new_body)),)
+
+    def _strip(self, reply: pb.ProcessingResponse) -> pb.ProcessingResponse:
+        """Remove the untrusted control headers the request carried from the request going upstream."""
+        if self._removed:
+            side = reply.request_headers if reply.HasField("request_headers") else reply.request_body
+            side.response.header_mutation.remove_headers.extend(self._removed)
+        return reply
 
     def _reject(self, rejection: Rejection) -> tuple[pb.ProcessingResponse, ...]:
         self._decided = True
         self._body = []
+        self._release_buffer()
         self._status = rejection.status
+        self.done = True  # Envoy ends the request with our reply: nothing more to follow
         return (msg.immediate(rejection, self.headers.get(REQUEST_ID)),)
+
+    def count_rejection(self, code: str) -> None:
+        """Count a rejection the wire decided (the director counts its own)."""
+        metrics = self.director.metrics
+        if metrics is not None:  # no model is known before the body is complete
+            metrics.rejected("", "", code)
+
+    def reject(self, rejection: Rejection) -> tuple[pb.ProcessingResponse, ...]:
+        """End the request with `rejection` now (the servicer's stream-level limits)."""
+        return self._reject(rejection)
+
+    def _release_buffer(self) -> None:
+        if self._buffered:
+            assert self._budget is not None
+            self._budget.used -= self._buffered
+            self._buffered = 0
 
     # -- response side ----------------------------------------------------------------------------------
     def _on_response_headers(self, message: pb.ProcessingRequest) -> Any:
@@ -302,7 +404,7 @@ class RequestStream:
             # (tested through Envoy, also with chunks arriving back to back); not answering first saves the
             # round trip that would hold the next token back.
             self.close(followed_to_end=False)
-            self.done = True
+            self.done = self.stopped_early = True
             return _NO_RESPONSES
         return (msg.RESPONSE_BODY_CONTINUE,)
 
@@ -318,6 +420,7 @@ class RequestStream:
     def close(self, followed_to_end: bool = True) -> None:
         """Idempotent: the picker stops following the request; release the in-flight count, record the
         outcome. A request still held by flow control (the client went away) leaves the queue at once."""
+        self._release_buffer()
         if self._held is not None:
             item = self._held[0]
             self._held = None
@@ -341,11 +444,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.director = director
         self.limits = limits
         self.response = response or ResponseConfig()
+        self.budget = BodyBudget(limits.max_buffered_bytes)
         self.active_streams = 0
         # Counters for /metrics (plain ints on the hot path; exported at scrape time).
         self.streams = 0
         self.messages = 0  # ProcessingRequests received
         self.stopped_early = 0  # streams the picker ended after the first response chunk
+        self.refused = 0  # streams answered 503 too_many_streams (limits.max_streams)
+        self.violations = 0  # streams ended for a message sequence Envoy never sends
 
     def add_to_server(self, server: Any) -> None:
         """Register `Process` with a serializer that passes pre-serialized replies through."""
@@ -361,13 +467,48 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     async def Process(
         self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[pb.ProcessingResponse | bytes]:
-        stream = RequestStream(self.director, self.limits, self.response)
+        limits = self.limits
+        deadline = asyncio.get_running_loop().time() + limits.body_timeout_s
+        messages = request_iterator.__aiter__()
+        if self.active_streams >= limits.max_streams:
+            self.refused += 1
+            async for reply in self._refuse(messages, deadline):
+                yield reply
+            return
+        stream = RequestStream(self.director, limits, self.response, self.budget)
         self.active_streams += 1
         self.streams += 1
+        # One timer per stream bounds the request side (cheaper than a timeout around every read): when it
+        # fires during a read, it cancels that read; otherwise the next turn of the loop sees it expired.
+        task = asyncio.current_task()
+        assert task is not None
+        deadline_state = _Deadline(task)
+        timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_at(
+            deadline, deadline_state.expire
+        )
         try:
-            async for message in request_iterator:
+            while True:
+                if deadline_state.expired and stream.collecting:
+                    stream.count_rejection(BODY_TIMEOUT)
+                    for reply in stream.reject(_body_timeout(limits)):
+                        yield reply
+                    break
+                deadline_state.reading = True
+                try:
+                    message = await anext(messages)
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    if not deadline_state.cancelled_read or task.uncancel() > 0:
+                        raise  # not (only) ours: Envoy reset the stream, or the server is stopping
+                    continue  # the deadline passed mid-read: answer 408 at the top of the loop
+                finally:
+                    deadline_state.reading = False
                 self.messages += 1
                 replies = stream.handle(message)
+                if timer is not None and not stream.collecting:
+                    timer.cancel()
+                    timer = None
                 if replies.__class__ is Wait:  # held by flow control
                     assert isinstance(replies, Wait)
                     for reply in replies.interim:
@@ -378,9 +519,74 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     yield reply
                 stream.dispatched()
                 if stream.done:
-                    self.stopped_early += 1
+                    if stream.stopped_early:
+                        self.stopped_early += 1
+                    elif stream.violation is not None:
+                        self.violations += 1
+                        log.warning("ext_proc: ending a stream: %s", stream.violation)
+                        if context is not None:
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, stream.violation)
                     break  # ends the gRPC stream (status OK): Envoy carries on without the picker
         finally:
             # Normal end, stopped early, client disconnect, or cancellation: release exactly once.
+            if timer is not None:
+                timer.cancel()
             stream.close()
             self.active_streams -= 1
+
+    async def _refuse(
+        self, messages: AsyncIterator[pb.ProcessingRequest], deadline: float
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        """Over `limits.max_streams`: answer the stream's first message 503 too_many_streams, then end it.
+        Nothing is kept; the first message must arrive before the body deadline like any other."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await anext(messages)
+        except (StopAsyncIteration, TimeoutError):
+            return
+        if message.WhichOneof("request") not in ("request_headers", "request_body", "request_trailers"):
+            return
+        headers = message.request_headers.headers.headers
+        request_id = next(
+            (h.raw_value.decode("utf-8", "replace") or h.value for h in headers if h.key == REQUEST_ID), None
+        )
+        if self.director.metrics:
+            self.director.metrics.rejected("", "", TOO_MANY_STREAMS)
+        rejection = Rejection(
+            503,
+            TOO_MANY_STREAMS,
+            f"the endpoint picker has {self.active_streams} requests open, its limit "
+            "(limits.max_streams); retry later",
+        )
+        yield msg.immediate(rejection, request_id if request_id and valid_request_id(request_id) else None)
+
+
+class _Deadline:
+    """The request-side deadline of one stream (`limits.body_timeout_s` from its start)."""
+
+    __slots__ = ("cancelled_read", "expired", "reading", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.expired = False
+        self.reading = False  # the stream's task is waiting for Envoy's next message
+        self.cancelled_read = False
+
+    def expire(self) -> None:
+        self.expired = True
+        if self.reading:
+            self.cancelled_read = True
+            self.task.cancel()
+
+
+BODY_TIMEOUT = "body_timeout"
+TOO_MANY_STREAMS = "too_many_streams"
+BUFFERS_FULL = "buffers_full"
+
+
+def _body_timeout(limits: LimitsConfig) -> Rejection:
+    return Rejection(
+        408,
+        BODY_TIMEOUT,
+        f"the request body did not arrive within {limits.body_timeout_s:g} s (limits.body_timeout_s)",
+    )

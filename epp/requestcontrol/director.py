@@ -50,8 +50,9 @@ from epp.requestcontrol.headers import (
     SLO_TPOT_MS,
     SLO_TTFT_MS,
     first,
+    untrusted_headers,
 )
-from epp.requestcontrol.parsing import parse_request
+from epp.requestcontrol.parsing import check_bodyless, parse_request
 from epp.requestcontrol.routing import ModelRouter
 from epp.scheduling.interfaces import (
     CycleState,
@@ -159,13 +160,16 @@ class Director:
             )  # fmt: skip
         self.buffered_wait_s = flow.buffered_wait_s
         self.extend_message_timeout = flow.extend_message_timeout
+        # Request headers the wire ignores and removes (security.trusted_control_headers).
+        self.untrusted_headers = untrusted_headers(config.security.trusted_control_headers)
 
     # -- the decision -----------------------------------------------------------------------------------
 
     def prepare(
         self, headers: Mapping[str, str], body: bytes | None
     ) -> tuple[SchedulingRequest, dict | None, bool]:
-        """Parse and resolve; returns (scheduling request, decoded body or None, request id generated)."""
+        """Parse and resolve; returns (scheduling request, decoded body or None, request id generated).
+        A zero-length body is no body: routed on load alone, except a POST to an inference path (400)."""
         request_id = headers.get(REQUEST_ID, "")
         generated = not request_id
         if generated:
@@ -174,7 +178,8 @@ class Director:
         fairness_id = first(headers, FAIRNESS_ID) or DEFAULT_FAIRNESS_ID
         slo_ttft, slo_tpot = _objective_s(headers, SLO_TTFT_MS), _objective_s(headers, SLO_TPOT_MS)
         rewrite = first(headers, MODEL_REWRITE)
-        if body is None:  # bodyless request: route by load only
+        if not body:  # bodyless request: route by load only
+            check_bodyless(headers.get(":method", ""), headers.get(":path", ""))
             model = rewrite or ""
             request = SchedulingRequest(
                 request_id, model, model, headers=headers, priority=priority, fairness_id=fairness_id,

@@ -127,6 +127,28 @@ def _int_field(body: dict[str, Any], *names: str) -> int:
     return 0
 
 
+# Path suffixes of the OpenAI inference APIs the parser knows (any prefix: /v1/..., /openai/v1/...).
+INFERENCE_ROUTES = ("/chat/completions", "/completions", "/embeddings", "/responses")
+
+
+def _route(path: str) -> str:
+    """The path without its query string and trailing slashes."""
+    return path.split("?", 1)[0].rstrip("/")
+
+
+def is_inference_path(path: str) -> bool:
+    """True for the OpenAI inference paths (their POSTs must carry a JSON body with a `model`)."""
+    return _route(path).endswith(INFERENCE_ROUTES)
+
+
+def check_bodyless(method: str, path: str) -> None:
+    """A request without a body (or with a zero-length one). A POST to an inference path is a 400: it has
+    nothing to infer from, and a model server would only refuse it later (after the picker counted it in
+    flight there). Every other body-less request (GET /v1/models, health checks) is routed on load alone."""
+    if method == "POST" and is_inference_path(path):
+        raise bad_request(f"request body is empty: POST {_route(path)} needs a JSON body with a 'model'")
+
+
 def _too_deep(value: Any) -> bool:
     """True if `value` nests deeper than MAX_JSON_DEPTH (iterative: no recursion on hostile input)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -160,7 +182,7 @@ def parse_request(raw: bytes, path: str) -> ParsedRequest:
     if not isinstance(model, str):
         raise bad_request("'model' must be a string", code="model_required")
 
-    route = path.split("?", 1)[0].rstrip("/")
+    route = _route(path)
     if route.endswith("/chat/completions"):
         prompt = _chat_text(body.get("messages"))
         tokens = -(-len(prompt) // CHARS_PER_TOKEN)
@@ -201,4 +223,12 @@ def parse_request(raw: bytes, path: str) -> ParsedRequest:
     )
 
 
-__all__ = ["MAX_JSON_DEPTH", "ParsedRequest", "Rejection", "parse_request"]
+__all__ = [
+    "INFERENCE_ROUTES",
+    "MAX_JSON_DEPTH",
+    "ParsedRequest",
+    "Rejection",
+    "check_bodyless",
+    "is_inference_path",
+    "parse_request",
+]

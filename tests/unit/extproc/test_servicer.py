@@ -92,11 +92,40 @@ def test_empty_body_in_full_duplex_still_gets_one_empty_chunk() -> None:
 
 def test_bodyless_request_is_answered_at_once() -> None:
     stream = make_stream()
-    replies = list(stream.handle(request_headers(end_of_stream=True)))
+    replies = list(stream.handle(request_headers({":method": "GET"}, path="/v1/models", end_of_stream=True)))
     assert kinds(replies) == ["request_headers"]
     assert "x-gateway-destination-endpoint" in header_values(
         replies[0].request_headers.response.header_mutation
     )
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
+)
+@pytest.mark.parametrize("empty", ["headers_end_of_stream", "zero_length_body", "trailers_only"])
+def test_post_to_an_inference_path_without_a_body_is_400(path: str, empty: str) -> None:
+    director = make_director()
+    stream = make_stream(director)
+    if empty == "headers_end_of_stream":
+        replies = list(stream.handle(request_headers(path=path, end_of_stream=True)))
+    else:
+        assert list(stream.handle(request_headers(path=path))) == []
+        last = request_body(b"", True) if empty == "zero_length_body" else request_trailers()
+        replies = list(stream.handle(last))
+    assert kinds(replies) == ["immediate_response"]
+    assert replies[0].immediate_response.status.code == 400
+    error = json.loads(replies[0].immediate_response.body)["error"]
+    assert error["code"] == "bad_request" and "body is empty" in error["message"]
+    assert stream.done and all(e.inflight_requests == 0 for e in director.pool)
+
+
+def test_other_bodyless_requests_are_routed_on_load_with_or_without_an_empty_body() -> None:
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/load_lora_adapter"), ("GET", "/health")]:
+        stream = make_stream()
+        stream.handle(request_headers({":method": method}, path=path))
+        replies = list(stream.handle(request_body(b"", True)))
+        assert kinds(replies) == ["request_headers", "request_body"], (method, path)
+        assert streamed_chunks(replies) == [(b"", True)]
 
 
 def test_buffered_mode_answers_headers_at_once_and_decides_on_the_body() -> None:
@@ -228,11 +257,35 @@ def test_model_rewrite_rewrites_body_and_content_length() -> None:
     assert headers["content-length"] == str(len(body))
 
 
-def test_rewrite_header_presets_the_target_model() -> None:
-    stream = make_stream()
+def test_rewrite_header_presets_the_target_model_where_trusted() -> None:
+    stream = make_stream(make_director(security={"trusted_control_headers": ["model_rewrite"]}))
     stream.handle(request_headers({"x-gateway-model-name-rewrite": "adapter-7"}))
     replies = list(stream.handle(request_body(CHAT, True)))
     assert json.loads(b"".join(c for c, _ in streamed_chunks(replies)))["model"] == "adapter-7"
+    assert not replies[0].request_headers.response.header_mutation.remove_headers
+
+
+def test_untrusted_control_headers_are_ignored_and_removed_upstream() -> None:
+    """Default policy: a client's model rewrite is ignored (it would bypass the model rules) and removed,
+    as are subset / served headers (the gateway passes those as metadata); objective and fairness id count."""
+    director = make_director(objectives=[{"name": "critical", "priority": 5}])
+    stream = make_stream(director)
+    sent = {
+        "x-llm-d-model-name-rewrite": "secret-adapter",
+        "x-gateway-model-name-rewrite": "secret-adapter",
+        "x-gateway-destination-endpoint-subset": "6.6.6.6:666",
+        "x-gateway-destination-endpoint-served": "6.6.6.6:666",
+        "x-llm-d-inference-objective": "critical",
+        "x-llm-d-inference-fairness-id": "tenant-a",
+    }
+    stream.handle(request_headers(sent))
+    replies = list(stream.handle(request_body(CHAT, True)))
+    assert json.loads(b"".join(c for c, _ in streamed_chunks(replies)))["model"] == "m"  # body untouched
+    assert sorted(replies[0].request_headers.response.header_mutation.remove_headers) == sorted(
+        name for name in sent if "rewrite" in name or "endpoint" in name
+    )
+    request = stream.decision.request
+    assert (request.target_model, request.priority, request.fairness_id) == ("m", 5, "tenant-a")
 
 
 def test_request_id_is_generated_when_absent_and_kept_when_present() -> None:
