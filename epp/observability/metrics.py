@@ -8,6 +8,7 @@ so they cost nothing per request and can feed an HPA (`inference_pool_average_qu
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -85,7 +86,9 @@ class PoolCollector(Collector):
 class ExtProcCollector(Collector):
     """The ext_proc servicer's counters (plain ints on the per-message path), read at scrape time: streams,
     messages received (their ratio is the gRPC messages per request, the picker's main per-request cost),
-    streams the picker ended after the first response chunk, streams open now."""
+    streams the picker ended after the first response chunk, streams open now; and the asyncio tasks alive
+    in the picker's event loop (a leak shows as growth while the streams stay flat; the soak benchmark
+    samples it)."""
 
     def __init__(self, servicer: Any) -> None:
         self.servicer = servicer
@@ -100,6 +103,11 @@ class ExtProcCollector(Collector):
             s.stopped_early,
         )
         yield GaugeMetricFamily("epp_extproc_active_streams", "ext_proc streams open now", s.active_streams)
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # collected outside the event loop (no running loop): nothing to count
+            return
+        yield GaugeMetricFamily("epp_asyncio_tasks", "asyncio tasks alive in the picker's event loop", tasks)
 
 
 class RequestMetrics:

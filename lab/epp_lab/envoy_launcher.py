@@ -69,7 +69,10 @@ class EnvoyOptions:
     extra_http_filters: list[dict[str, Any]] = field(default_factory=list)  # inserted before ext_proc
     # Merged into the ext_proc filter's processing_mode, e.g. {"response_body_mode": "NONE"}.
     processing_mode: dict[str, str] = field(default_factory=dict)
-    # Merged into the ext_proc filter's own config, e.g. {"allow_mode_override": True}.
+    # Merged into the ext_proc filter's own config, e.g. {"allow_mode_override": True}, or
+    # {"failure_mode_allow": True} (FailOpen; the shapes are FailClose). Envoy 1.40 fails open only where it
+    # still holds the request body: with a BUFFERED request body, not FULL_DUPLEX_STREAMED (500 either way;
+    # tests/integration/test_faults.py).
     extproc: dict[str, Any] = field(default_factory=dict)
     concurrency: int = 1
     log_level: str = "warning"

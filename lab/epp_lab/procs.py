@@ -19,7 +19,10 @@ is stopped and `ProcessError` says why, with the tail of its log (stdout and std
 
 The child runs in a session of its own (`start_new_session=True`): Ctrl-C in a terminal reaches only this
 process, which stops its children on the way out, and `stop()` signals the child's whole process group
-(SIGTERM, then SIGKILL after `stop_timeout`), so nothing it spawned outlives it.
+(SIGTERM, then SIGKILL after `stop_timeout`), so nothing it spawned outlives it. `kill()` is a crash instead:
+SIGKILL at once, no graceful shutdown (the kernel resets its open connections). After `stop()` or `kill()`,
+`start()` runs the same argv again: with fixed ports (`sim(1, base_port=P)`, `picker(..., extproc_port=P)`)
+that is a restart at the same address, as the fault tests and the soak benchmark use it.
 """
 
 from __future__ import annotations
@@ -180,6 +183,15 @@ class Child:
         self._process = None
         self._cleanup()
 
+    async def kill(self) -> None:
+        """A crash: SIGKILL the child's process group now (no SIGTERM, no graceful shutdown), await its exit,
+        then clean up as `stop()` does. Safe on a child that already exited or never started."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            _signal_group(process.pid, signal.SIGKILL)
+            await process.wait()
+        await self.stop()
+
     def _cleanup(self) -> None:
         if self._tmp is not None:
             if self._log is not None and self._log.is_relative_to(self._tmp.name):
@@ -244,10 +256,12 @@ async def http_status(url: str, timeout: float = PROBE_TIMEOUT_S) -> int | None:
 # ---- the project's own children ------------------------------------------------------------------------
 
 
-def sim_argv(replicas: int, **options: Any) -> list[str]:
-    """`python -m epp_lab.sim.cli` for `replicas` replicas on ephemeral ports; `options` are its flags
+def sim_argv(replicas: int, base_port: int = 0, **options: Any) -> list[str]:
+    """`python -m epp_lab.sim.cli` for `replicas` replicas on ephemeral ports, or on consecutive ports from
+    `base_port` (a fixed address, so that a replica can be restarted where it was); `options` are its flags
     (`num_gpu_blocks=1200` -> `--num-gpu-blocks 1200`; None values are left out)."""
-    argv = [sys.executable, "-m", "epp_lab.sim.cli", "--replicas", str(replicas), "--base-port", "0"]
+    argv = [sys.executable, "-m", "epp_lab.sim.cli", "--replicas", str(replicas)]
+    argv += ["--base-port", str(base_port)]
     for key, value in options.items():
         if value is None:
             continue
@@ -256,10 +270,15 @@ def sim_argv(replicas: int, **options: Any) -> list[str]:
 
 
 def picker_argv(
-    endpoints: Sequence[str], config: str | Path | None = None, extra: Sequence[str] = ()
+    endpoints: Sequence[str],
+    config: str | Path | None = None,
+    extra: Sequence[str] = (),
+    extproc_port: int = 0,
 ) -> list[str]:
-    """`python -m epp.cli serve` over `endpoints`, plaintext, every port ephemeral, warnings only."""
-    argv = [sys.executable, "-m", "epp.cli", "serve", "--plaintext", "--extproc-port", "0",
+    """`python -m epp.cli serve` over `endpoints`, plaintext, warnings only; every port ephemeral except
+    ext_proc's when `extproc_port` is given (Envoy's picker cluster names one port: a restarted picker must
+    come back there)."""
+    argv = [sys.executable, "-m", "epp.cli", "serve", "--plaintext", "--extproc-port", str(extproc_port),
             "--health-port", "0", "--metrics-port", "0", "--endpoints", ",".join(endpoints),
             "--log-level", "WARNING"]  # fmt: skip
     if config:
@@ -267,11 +286,18 @@ def picker_argv(
     return argv + list(extra)
 
 
-def sim(replicas: int, **options: Any) -> Child:
-    """A simulated fleet as a child; `info["addresses"]` once started."""
-    return Child("sim", sim_argv(replicas, **options), ready_file=True)
+def sim(replicas: int, base_port: int = 0, **options: Any) -> Child:
+    """A simulated fleet as a child; `info["addresses"]` once started. One replica on a fixed port
+    (`sim(1, base_port=port)`) can be killed and started again at the same address."""
+    return Child("sim", sim_argv(replicas, base_port, **options), ready_file=True)
 
 
-def picker(endpoints: Sequence[str], config: str | Path | None = None, extra: Sequence[str] = ()) -> Child:
-    """The picker as a child; `info["extproc"]`, `info["health"]`, `info["metrics"]` (ports) once started."""
-    return Child("picker", picker_argv(endpoints, config, extra), ready_file=True)
+def picker(
+    endpoints: Sequence[str],
+    config: str | Path | None = None,
+    extra: Sequence[str] = (),
+    extproc_port: int = 0,
+) -> Child:
+    """The picker as a child; `info["extproc"]`, `info["health"]`, `info["metrics"]`, `info["admin"]` (ports)
+    once started."""
+    return Child("picker", picker_argv(endpoints, config, extra, extproc_port), ready_file=True)
