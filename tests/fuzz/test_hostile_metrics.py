@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 from fuzz.strategies import examples
-from hypothesis import event, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from support.virtual_time import run_virtual
@@ -99,6 +99,11 @@ def test_a_page_never_crashes_the_parser(page: str) -> None:
         ]
     ),
 )
+@example(  # found by the long profile: -1e308 and 1e308 waiting made the queue scores NaN, then a 500
+    ["vllm:num_requests_waiting -1e308\nvllm:num_requests_running 0\nvllm:kv_cache_usage_perc 0", "",
+     "vllm:num_requests_waiting 1e308\nvllm:num_requests_running 0\nvllm:kv_cache_usage_perc 0"],
+    {},
+)  # fmt: skip
 def test_lying_metrics_steer_traffic_but_every_request_still_goes_to_a_pool_member(
     page_texts: list[str], config: dict[str, Any]
 ) -> None:

@@ -226,9 +226,9 @@ def _timestamp(sample: Sample) -> float:
 
 
 def _read(page: _Page, engine: EngineMetrics) -> MetricsSnapshot:
-    m = MetricsSnapshot(
-        waiting=page.total(engine.waiting),
-        running=page.total(engine.running),
+    m = MetricsSnapshot(  # counts are never negative: a server claiming so would turn scores into NaN
+        waiting=max(0.0, page.total(engine.waiting)),
+        running=max(0.0, page.total(engine.running)),
         kv_usage=min(1.0, max(0.0, page.highest(engine.kv_usage, required=True))),
         served_models=frozenset(
             name for labels, _ in page.samples(engine.running) if (name := labels.get("model_name"))
