@@ -179,8 +179,13 @@ async def main_async(args: argparse.Namespace) -> int:
     runs: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     raw_path = args.out.with_suffix(".runs.json")
+    done: set[tuple[Any, ...]] = set()
+    if args.resume and raw_path.exists():
+        runs = json.loads(raw_path.read_text())["runs"]
+        done = {(r["repeat"], r["workload"], r["load"], r["arm"]) for r in runs}
+        print(f"routing: resuming, {len(done)} of {len(plan)} runs already in {raw_path}", file=sys.stderr)
     for n, (rep, name, frac, qps, arm) in enumerate(plan, 1):
-        if arm in skipped:
+        if arm in skipped or (rep, name, frac, arm) in done:
             continue
         try:
             run = await run_once(
@@ -280,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=RESULTS / "routing.json",
         help="results file; .md, .runs.json and .<workload>.png are written beside it",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in the .runs.json beside --out and run only the missing ones "
+        "(same arguments as the interrupted run)",
     )
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-crosscheck", action="store_true", help="skip the Python-client TTFT run")
