@@ -272,10 +272,10 @@ async def _pool_down(upstreams: Any, stack: Any, **config: Any) -> tuple[Any, An
 
 @pytest.mark.parametrize("flow_control", [False, True], ids=["default", "flow-control"])
 async def test_all_replicas_down_is_a_prompt_503(upstreams, stack, report, flow_control: bool) -> None:
-    """With every model server down, a request gets a 503 at once, never a hang. By default the healthy
-    filter keeps every endpoint when all are unreachable ("a dead metrics port is not proof of a dead
-    server"), so the request is routed, the connection is refused and the 503 is Envoy's; with flow control
-    the saturated pool holds the request and the picker answers 503 queue_timeout after `ttl_s`."""
+    """With every model server down, a request gets the picker's 503 at once, never a hang: the healthy
+    filter keeps no unreachable endpoint, so the picker answers 503 no_endpoints naming the filter; with
+    flow control the saturated pool holds the request and the picker answers 503 queue_timeout after
+    `ttl_s`."""
     config = (
         {"flow_control": {"enabled": True, "ttl_s": 1.0, "no_endpoints_ttl_s": 1.0}} if flow_control else {}
     )
@@ -285,33 +285,29 @@ async def test_all_replicas_down_is_a_prompt_503(upstreams, stack, report, flow_
         status, headers, text = await post(session, envoy.url, chat("anyone?"))
         answered = time.perf_counter() - began
     assert status == 503, text
-    if flow_control:
-        assert headers["x-epp-reject-reason"] == "queue_timeout"
-        assert json.loads(text)["error"]["code"] == "queue_timeout"
-    else:
-        assert "x-epp-reject-reason" not in headers and "upstream connect error" in text
+    code = "queue_timeout" if flow_control else "no_endpoints"
+    assert headers["x-epp-reject-reason"] == code
+    assert headers["x-llm-d-request-dropped-reason"] == code
+    error = json.loads(text)["error"]
+    assert error["code"] == code
+    if not flow_control:
+        assert "filter 'healthy' removed all 2" in error["message"]
     report("all replicas down -> every endpoint unreachable", seen - gone)
-    setting = (
-        "flow control ttl_s 1 s: 503 queue_timeout" if flow_control else "Envoy's 503: connection refused"
-    )
+    setting = "flow control ttl_s 1 s: 503 queue_timeout" if flow_control else "503 no_endpoints"
     report(f"all replicas down -> request answered 503 [{'flow-control' if flow_control else 'default'}]",
            answered, setting)  # fmt: skip
     await idle(server)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the healthy filter keeps every candidate when all are unreachable (epp/scheduling/plugins/"
-    "filters/healthy.py: `kept or candidates`), so with the whole pool down the picker still routes and the "
-    "503 is Envoy's 'upstream connect error', without the picker's x-epp-reject-reason",
-)
-async def test_all_replicas_down_503_names_its_reason(upstreams, stack) -> None:
-    """What the issue asks: with every endpoint unreachable, the picker itself answers 503 no_endpoints."""
-    _, envoy, _, _ = await _pool_down(upstreams, stack)
+async def test_all_replicas_down_routes_blind_when_configured(upstreams, stack) -> None:
+    """`healthy: keep_all_if_none: true` (for pools whose /metrics fails while serving works): the picker
+    still routes with every endpoint unreachable, so the connection is refused and the 503 is Envoy's."""
+    filters = [{"type": "healthy", "params": {"keep_all_if_none": True}}]
+    server, envoy, _, _ = await _pool_down(upstreams, stack, scheduling={"filters": filters})
     async with aiohttp.ClientSession() as session:
         status, headers, text = await post(session, envoy.url, chat("anyone?"))
-    assert status == 503 and headers.get("x-epp-reject-reason") == "no_endpoints", text
-    assert "unreachable" in json.loads(text)["error"]["message"]
+    assert status == 503 and "x-epp-reject-reason" not in headers and "upstream connect error" in text
+    await idle(server)
 
 
 # ---- 4. the picker restarted while Envoy keeps running ----------------------------------------------------

@@ -60,9 +60,11 @@ def test_subset_hint_restricts_the_scheduler_choice() -> None:
 
 def test_healthy_after_subset_only_considers_the_subset() -> None:
     director = make_director(POOL)
-    director.pool.get("10.0.0.1:8000").reachable = False  # the only endpoint of the subset: kept anyway
-    decision = director.decide(CHAT, body(), frozenset({"10.0.0.1:8000"}))
-    assert decision.destination == "10.0.0.1:8000"
+    director.pool.get("10.0.0.1:8000").reachable = False  # the only endpoint of the subset
+    with pytest.raises(Rejection) as info:  # not routed to a reachable endpoint outside the subset
+        director.decide(CHAT, body(), frozenset({"10.0.0.1:8000"}))
+    assert (info.value.status, info.value.code) == (503, "no_endpoints")
+    assert "filter 'healthy' removed all 1 remaining" in info.value.message
 
 
 def test_empty_pool_is_503_no_endpoints_even_with_a_subset() -> None:

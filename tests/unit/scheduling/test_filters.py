@@ -28,8 +28,16 @@ def test_healthy_drops_unreachable() -> None:
     assert addresses(kept) == ["10.0.0.1:8000", "10.0.0.3:8000"]
 
 
-def test_healthy_keeps_all_when_all_unreachable() -> None:
+def test_healthy_keeps_none_when_all_unreachable() -> None:
+    """The scheduler turns the empty list into 503 no_endpoints naming the filter."""
     candidates = pool()
     for e in candidates:
         e.reachable = False
-    assert HealthyFilter().filter(request(), CycleState(), candidates) == candidates
+    assert HealthyFilter().filter(request(), CycleState(), candidates) == []
+
+
+def test_healthy_keeps_all_when_all_unreachable_if_configured() -> None:
+    candidates = pool()
+    for e in candidates:
+        e.reachable = False
+    assert HealthyFilter(keep_all_if_none=True).filter(request(), CycleState(), candidates) == candidates
