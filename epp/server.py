@@ -347,6 +347,7 @@ class Server:
             await stopping
         self.accepting_stopped.set()
         await self.director.close()
+        await self.director.close_plugins()
         for task in self._background:
             task.cancel()
         for component in (self.objectives, self.discovery):

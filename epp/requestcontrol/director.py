@@ -55,6 +55,7 @@ from epp.requestcontrol.headers import (
 from epp.requestcontrol.parsing import check_bodyless, parse_request
 from epp.requestcontrol.routing import ModelRouter
 from epp.scheduling.interfaces import (
+    Closes,
     CycleState,
     PreRequest,
     ResponseComplete,
@@ -417,6 +418,11 @@ class Director:
         would have to wait get it at once); requests with room are still dispatched."""
         if self.flow is not None:
             await self.flow.close()
+
+    async def close_plugins(self) -> None:
+        """After the last stream: stop the plugins' background work (`Closes`)."""
+        for plugin in self.scheduler.hooks(Closes):
+            await plugin.aclose()
 
     # -- dry run ----------------------------------------------------------------------------------------
 

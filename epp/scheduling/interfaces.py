@@ -133,6 +133,14 @@ class ResponseComplete(Protocol):
 
 
 @runtime_checkable
+class Closes(Protocol):
+    """Optional: background work a plugin owns (e.g. the KV-event subscriptions), stopped at shutdown after
+    the in-flight streams have finished."""
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
 class EndpointDetails(Protocol):
     """Optional: per-endpoint numbers a plugin keeps (e.g. prefix-index blocks), for `epp endpoints`, and
     pool-level gauges for /metrics."""

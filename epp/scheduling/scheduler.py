@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from epp.datalayer.endpoints import Endpoint
 from epp.errors import Rejection
 from epp.scheduling.interfaces import (
+    Closes,
     CycleState,
     EndpointDetails,
     Explains,
@@ -68,7 +69,7 @@ class Scheduler:
 
     def hooks(self, kind: type) -> list:
         """The plugins implementing one lifecycle protocol (`PreRequest`, `ResponseStarted`, ...)."""
-        assert kind in (PreRequest, ResponseStarted, ResponseComplete, EndpointDetails)
+        assert kind in (PreRequest, ResponseStarted, ResponseComplete, EndpointDetails, Closes)
         return [p for p in self.plugins if isinstance(p, kind)]
 
     def schedule(

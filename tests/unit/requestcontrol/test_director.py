@@ -102,6 +102,9 @@ class Recorder:
     ) -> None:
         self.events.append(("response_complete", endpoint.address, status))
 
+    async def aclose(self) -> None:
+        self.events.append(("aclose",))
+
 
 def director_with_recorder() -> tuple[Director, Recorder]:
     base = make_director(POOL[:2])
@@ -110,6 +113,14 @@ def director_with_recorder() -> tuple[Director, Recorder]:
         base.scheduler.filters, [*base.scheduler.scorers, (recorder, 1.0)], base.scheduler.picker
     )
     return Director(base.config, base.pool, scheduler), recorder
+
+
+async def test_close_plugins_stops_each_plugins_background_work_once() -> None:
+    director, recorder = director_with_recorder()
+    await director.close()  # flow control's part: plugins keep running while streams finish
+    assert recorder.events == []
+    await director.close_plugins()
+    assert recorder.events == [("aclose",)]
 
 
 def test_hooks_see_the_request_state_in_order_and_finish_runs_once() -> None:
