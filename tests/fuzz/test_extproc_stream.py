@@ -32,6 +32,7 @@ from google.protobuf.struct_pb2 import Struct
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from support.extproc import response_headers
 from support.virtual_time import run_virtual
 
 from epp.config import load_config
@@ -114,20 +115,6 @@ def request_headers(draw: st.DrawFn, first: bool = True) -> pb.ProcessingRequest
 def body_message(chunk: bytes, end_of_stream: bool, response: bool = False) -> pb.ProcessingRequest:
     body = pb.HttpBody(body=chunk, end_of_stream=end_of_stream)
     return pb.ProcessingRequest(response_body=body) if response else pb.ProcessingRequest(request_body=body)
-
-
-def response_headers(status: bytes, end_of_stream: bool, served: str | None) -> pb.ProcessingRequest:
-    message = pb.ProcessingRequest(
-        response_headers=pb.HttpHeaders(
-            headers=HeaderMap(headers=[HeaderValue(key=":status", raw_value=status)]),
-            end_of_stream=end_of_stream,
-        )
-    )
-    if served is not None:
-        lb = Struct()
-        lb["x-gateway-destination-endpoint-served"] = served
-        message.metadata_context.CopyFrom(Metadata(filter_metadata={"envoy.lb": lb}))
-    return message
 
 
 RESPONSE_HEADERS = st.builds(

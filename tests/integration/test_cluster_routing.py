@@ -33,15 +33,9 @@ async def test_rewrites_and_objectives_from_the_cluster_apply_to_the_next_reques
         api.put_pod(make_pod("model-0", "127.0.0.1", {"app": "llama"}))
         api.put(rewrites_key(), rewrite("canary", [(["llama"], [("llama-v2", None)])]))
         api.put(objectives_key(LLMD_ALPHA), make_objective("batch", 5, api=LLMD_ALPHA))
-        kubernetes = {
-            "inference_pool": "llama",
-            "namespace": "default",
-            "api_server": api.url,
-            "ca_file": None,
-        }
         server, envoy = await stack(
             [ups[0].address],
-            pool={"name": "llama", "discovery": "kubernetes", "endpoints": [], "kubernetes": kubernetes},
+            pool=api.pool_config("llama"),
             models=[{"name": "llama", "targets": [{"model": "llama-from-config"}]}],
         )
         async with asyncio.timeout(GUARD):

@@ -6,28 +6,13 @@ import json
 
 import aiohttp
 import pytest
+from support.gateway import subset_from_header
 
 pytestmark = pytest.mark.envoy
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 
-# Test-only Lua filter: copies header x-test-subset into the gateway's subset-hint metadata, as a real
-# gateway would set it. Placed before ext_proc by the launcher.
-SUBSET_FROM_HEADER = {
-    "name": "envoy.filters.http.lua",
-    "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-        "default_source_code": {
-            "inline_string": (
-                "function envoy_on_request(h)\n"
-                "  local v = h:headers():get('x-test-subset')\n"
-                "  if v ~= nil then h:streamInfo():dynamicMetadata():set('envoy.lb.subset_hint',"
-                " 'x-gateway-destination-endpoint-subset', v) end\n"
-                "end\n"
-            )
-        },
-    },
-}
+SUBSET_FROM_HEADER = subset_from_header("x-test-subset")
 
 
 async def post(url: str, body, path: str = "/v1/chat/completions", headers=None) -> tuple[int, dict, str]:

@@ -29,13 +29,13 @@ from support.faults import (
     Stream,
     chat,
     open_request,
-    pin_filter,
     post,
     read_until,
     send_request,
     until,
     vanish,
 )
+from support.gateway import subset_from_header
 
 from epp_lab import procs
 from epp_lab.envoy_launcher import free_port
@@ -120,7 +120,7 @@ async def test_a_replica_killed_mid_stream(sims, stack, report, shape: str, extr
     victim, *others = fleet
     dead = address(victim)
     server, envoy = await stack([address(s) for s in fleet], shape=shape,
-                                extra_http_filters=[pin_filter(PIN)], **extra)  # fmt: skip
+                                extra_http_filters=[subset_from_header(PIN)], **extra)  # fmt: skip
     endpoint = server.pool.get(dead)
     assert endpoint is not None
     async with aiohttp.ClientSession() as session:
@@ -585,15 +585,7 @@ async def test_the_api_server_goes_away_and_comes_back(upstreams, stack, report,
         a, b, c = await upstreams(3)
         api.put_pool(make_pool("llama", {"app": "llama"}, [a.port, b.port]))
         api.put_pod(make_pod("model-0", "127.0.0.1", {"app": "llama"}))
-        kubernetes = {
-            "inference_pool": "llama",
-            "namespace": "default",
-            "api_server": api.url,
-            "ca_file": None,
-        }
-        server, envoy = await stack(
-            [], pool={"name": "llama", "discovery": "kubernetes", "endpoints": [], "kubernetes": kubernetes}
-        )
+        server, envoy = await stack([], pool=api.pool_config("llama"))
         async with asyncio.timeout(HANG_GUARD_S):
             await server.discovery.synced.wait()
         before = {a.address, b.address}

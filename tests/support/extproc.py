@@ -56,11 +56,13 @@ def request_trailers() -> pb.ProcessingRequest:
 
 
 def response_headers(
-    status: int = 200, end_of_stream: bool = False, served: str | None = None
+    status: int | bytes = 200, end_of_stream: bool = False, served: str | None = None
 ) -> pb.ProcessingRequest:
+    """`status` as an int, or as raw bytes (any bytes: the fuzz tests send malformed ones)."""
+    raw = status if isinstance(status, bytes) else str(status).encode()
     message = pb.ProcessingRequest(
         response_headers=pb.HttpHeaders(
-            headers=HeaderMap(headers=[HeaderValue(key=":status", raw_value=str(status).encode())]),
+            headers=HeaderMap(headers=[HeaderValue(key=":status", raw_value=raw)]),
             end_of_stream=end_of_stream,
         )
     )

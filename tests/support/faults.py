@@ -80,26 +80,6 @@ class FaultyUpstream(Upstream):
         await super().stop()
 
 
-def pin_filter(header: str = "x-test-pin") -> dict[str, Any]:
-    """Test-only Lua filter placed before ext_proc: copies request header `header` (ip:port) into the
-    gateway's subset hint, as a real gateway sets it, so that the picker can only choose that endpoint."""
-    return {
-        "name": "envoy.filters.http.lua",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-            "default_source_code": {
-                "inline_string": (
-                    "function envoy_on_request(h)\n"
-                    f"  local v = h:headers():get('{header}')\n"
-                    "  if v ~= nil then h:streamInfo():dynamicMetadata():set('envoy.lb.subset_hint',"
-                    " 'x-gateway-destination-endpoint-subset', v) end\n"
-                    "end\n"
-                )
-            },
-        },
-    }
-
-
 def chat(content: str, stream: bool = False, max_tokens: int = 8, model: str = "m") -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": content}]}
     body["max_tokens"] = max_tokens
@@ -161,11 +141,7 @@ async def open_request(port: int, body: bytes, declared: int, path: str = "/v1/c
     """Send the head of a POST declaring `declared` body bytes and the first `body` bytes of it, then stop:
     a client in the middle of its request body. Returns the writer (close it to vanish)."""
     _, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
-        f"content-length: {declared}\r\n\r\n"
-    ).encode()
-    writer.write(head + body)
+    writer.write(post_head(port, path, declared) + body)
     await writer.drain()
     return writer
 
@@ -174,13 +150,17 @@ async def send_request(port: int, body: dict[str, Any], path: str = "/v1/chat/co
     """Send a whole POST on a raw connection; returns (reader, writer): read what comes, or vanish."""
     data = json.dumps(body).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(data)}\r\n\r\n"
-    ).encode()
-    writer.write(head + data)
+    writer.write(post_head(port, path, len(data)) + data)
     await writer.drain()
     return reader, writer
+
+
+def post_head(port: int, path: str, content_length: int) -> bytes:
+    """The head of a JSON POST on a raw HTTP/1.1 connection."""
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
+        f"content-length: {content_length}\r\n\r\n"
+    ).encode()
 
 
 async def read_until(reader: Any, marker: bytes) -> bytes:

@@ -269,6 +269,12 @@ class KubeApi:
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
 
+    def pool_config(self, inference_pool: str, namespace: str = "default") -> Json:
+        """The picker's `pool` config section that follows `inference_pool` through this server."""
+        kubernetes = {"inference_pool": inference_pool, "namespace": namespace, "api_server": self.url,
+                      "ca_file": None}  # fmt: skip
+        return {"name": inference_pool, "discovery": "kubernetes", "endpoints": [], "kubernetes": kubernetes}
+
     async def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> None:
         app = web.Application()
         for prefix in ("/api/{version}", "/apis/{group}/{version}"):
