@@ -33,9 +33,9 @@ dead replica makes requests fail: a stream that the replica answered (`x-sim-rep
 `[DONE]`, a 502/503 from Envoy for a refused or reset upstream connection, or a connection error. Anything
 else is *lost*; a request still open after k6's timeout (60 s) is *hung*. The target: lost = hung = 0.
 
-Rate: the picker's measured sustainable throughput is 400 requests/s (non-streamed, 8 endpoints,
-`overhead.md`, full-duplex) and, for streamed requests in first-byte mode, 4.55 ms of picker CPU per request
-(`overhead_streaming.md`, epp/first-chunk): ~220 requests/s per picker core. On this 2-core machine the
+Rate: the picker's measured sustainable throughput is 600 requests/s (non-streamed, 8 endpoints,
+`overhead.md`, full-duplex) and, for streamed requests in first-byte mode, 2.8 ms of picker CPU per request
+(`overhead_streaming.md`, epp/first-chunk): ~357 requests/s per picker core. On this 2-core machine the
 picker shares the cores with Envoy, k6 and the four simulated replicas, so the default `--rate` is
 DEFAULT_RATE requests/s (see the constant's comment for how it was chosen).
 """
@@ -79,13 +79,11 @@ TIME_SCALE = 1.0
 NUM_GPU_BLOCKS = 6000
 STREAM_INTERVAL = 4
 MAX_TOKENS = 64
-PICKER_SUSTAINABLE_RPS = 400  # overhead.md: epp, full-duplex, 8 endpoints (non-streamed requests)
-PICKER_STREAMED_RPS_PER_CORE = (
-    220  # overhead_streaming.md: 1 core / 4.55 ms per streamed request (first-byte)
-)
+PICKER_SUSTAINABLE_RPS = 600  # overhead.md: epp, full-duplex, 8 endpoints (non-streamed requests)
+PICKER_STREAMED_RPS_PER_CORE = 357  # overhead_streaming.md: 1 core / 2.8 ms per streamed request (first-byte)
 DEFAULT_RATE = 100
-"""Requests/s: a quarter of the picker's sustainable 400/s and ~half of what one picker core sustains for
-streamed requests (220/s), i.e. as near as this 2-core machine allows while it also runs Envoy, k6 and four
+"""Requests/s: a sixth of the picker's sustainable 600/s and ~0.3 of what one picker core sustains for
+streamed requests (357/s), i.e. as near as this 2-core machine allows while it also runs Envoy, k6 and four
 simulated replicas streaming every response (at 150/s in a trial the machine itself was saturated)."""
 HANG_GUARD_S = 90.0
 CONNECTION_FAILURE = ("upstream connect error", "connection", "reset", "EOF", "refused", "broken pipe")
