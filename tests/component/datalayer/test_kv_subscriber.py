@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.asyncio
+from support.kvevents import RecordingSink
 
 from epp.datalayer.endpoints import Endpoint, EndpointPool
-from epp.datalayer.kvevents.events import SEQ, EventBatch
+from epp.datalayer.kvevents.events import SEQ
 from epp.datalayer.kvevents.subscriber import END_OF_REPLAY, KVEventSubscriber
 
 FIXTURES = Path(__file__).parents[2] / "fixtures" / "realengine"
@@ -26,20 +27,6 @@ def recorded_frames() -> list[list[bytes]]:
         if "frames" in item:
             out.append([base64.b64decode(f) for f in item["frames"]])
     return out
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, object]] = []
-
-    def apply(self, address: str, batch: EventBatch) -> None:
-        self.calls.append(("apply", batch.seq))
-
-    def restarted(self, address: str) -> None:
-        self.calls.append(("restarted", None))
-
-    def desynced(self, address: str, reason: str) -> None:
-        self.calls.append(("desynced", reason))
 
 
 async def until(condition, what: str) -> None:
@@ -60,7 +47,7 @@ async def publisher():
     context.destroy(linger=0)
 
 
-async def joined(pub, sink: Sink, probe: list[bytes]) -> None:
+async def joined(pub, sink: RecordingSink, probe: list[bytes]) -> None:
     """Publish `probe` (a seq-0 message) until the subscriber hears one (ZMQ's slow-joiner window)."""
 
     async def heard() -> None:
@@ -76,7 +63,7 @@ async def test_recorded_stream_arrives_in_order_and_a_gap_is_reported(publisher)
     pub, _ = publisher
     endpoint = pub.getsockopt(zmq.LAST_ENDPOINT).decode()
     frames = recorded_frames()
-    sink = Sink()
+    sink = RecordingSink()
     sub = KVEventSubscriber(EndpointPool([Endpoint("127.0.0.1:1")]), sink, lambda e: endpoint)
     sub.start()
     try:
@@ -121,7 +108,7 @@ async def test_replay_completes_the_view_on_connect_and_repairs_a_gap(publisher)
             await router.send_multipart([identity, b"", b"", SEQ.pack(END_OF_REPLAY), b""])
 
     server = asyncio.create_task(serve_replay())
-    sink = Sink()
+    sink = RecordingSink()
     sub = KVEventSubscriber(
         EndpointPool([Endpoint("127.0.0.1:1")]), sink, lambda e: endpoint, replay_of=lambda e: replay_endpoint
     )
@@ -165,7 +152,7 @@ async def test_a_dropped_connection_makes_the_view_incomplete() -> None:
     first.bind("tcp://127.0.0.1:*")
     endpoint = first.getsockopt(zmq.LAST_ENDPOINT).decode()
     frames = recorded_frames()
-    sink = Sink()
+    sink = RecordingSink()
     sub = KVEventSubscriber(EndpointPool([Endpoint("127.0.0.1:1")]), sink, lambda e: endpoint)
     sub.start()
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from support.kvevents import RecordingSink
 
 from epp.datalayer.endpoints import EndpointPool
 from epp.datalayer.kvevents.events import (
@@ -71,22 +72,8 @@ def test_sequence_tracker_verdicts() -> None:
     assert joined.check(5) == "joined"
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, object]] = []
-
-    def apply(self, address: str, batch: EventBatch) -> None:
-        self.calls.append(("apply", batch.seq))
-
-    def restarted(self, address: str) -> None:
-        self.calls.append(("restarted", None))
-
-    def desynced(self, address: str, reason: str) -> None:
-        self.calls.append(("desynced", reason))
-
-
 async def test_losses_and_restarts_reach_the_sink() -> None:
-    sink = Sink()
+    sink = RecordingSink()
     sub = KVEventSubscriber(EndpointPool(), sink, lambda e: None)
     tracker, stats = SequenceTracker(), StreamStats()
     for seq in (0, 1, 3, 4, 0, 1, 7):
@@ -98,7 +85,7 @@ async def test_losses_and_restarts_reach_the_sink() -> None:
         ("desynced", "sequence gap"), ("apply", 7),
     ]  # fmt: skip
     assert (stats.messages, stats.gaps, stats.restarts, stats.last_seq) == (7, 2, 1, 7)
-    late = Sink()
+    late = RecordingSink()
     await sub._deliver("b", EventBatch(9), SequenceTracker(), StreamStats(), None)
     sub.sink = late
     await sub._deliver("b", EventBatch(9), SequenceTracker(), StreamStats(), None)

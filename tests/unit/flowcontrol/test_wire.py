@@ -107,6 +107,17 @@ def test_a_request_held_at_trailers_gets_its_trailers_reply_last() -> None:
     run_virtual(main())
 
 
+async def times_out_after(stream, wait: Wait, seconds: float) -> None:
+    """The held BUFFERED request is answered 503 naming buffered_wait_s, exactly `seconds` later."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await wait.ready
+    assert loop.time() - start == pytest.approx(seconds)
+    [reply] = stream.resume()
+    assert reply.immediate_response.status.code == 503
+    assert b"buffered_wait_s" in reply.immediate_response.body
+
+
 def test_buffered_mode_bounds_the_wait_below_envoys_message_timeout() -> None:
     async def main() -> None:
         director = make(buffered_wait_s=2.0)
@@ -114,13 +125,7 @@ def test_buffered_mode_bounds_the_wait_below_envoys_message_timeout() -> None:
         stream.handle(request_headers(mode=BUFFERED))
         wait = stream.handle(request_body(CHAT, True))
         assert isinstance(wait, Wait) and wait.interim == ()
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        await wait.ready
-        assert loop.time() - start == pytest.approx(2.0)
-        [reply] = stream.resume()
-        assert reply.immediate_response.status.code == 503
-        assert b"buffered_wait_s" in reply.immediate_response.body
+        await times_out_after(stream, wait, 2.0)
 
     run_virtual(main())
 
@@ -135,13 +140,7 @@ def test_buffered_mode_can_ask_envoy_to_extend_its_message_timeout() -> None:
         [interim] = wait.interim
         assert interim.WhichOneof("response") is None
         assert interim.override_message_timeout.ToMilliseconds() == 3000  # the wait + 1 s of margin
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        await wait.ready
-        assert loop.time() - start == pytest.approx(2.0)
-        [reply] = stream.resume()
-        assert reply.immediate_response.status.code == 503
-        assert b"buffered_wait_s" in reply.immediate_response.body
+        await times_out_after(stream, wait, 2.0)
 
     run_virtual(main())
 
